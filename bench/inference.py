@@ -1,0 +1,100 @@
+"""Inference benchmark: one 300-slice 512x512 chest CT through the worker pipeline.
+
+Prints seconds for decode, preprocessing, each model's inference and
+postprocessing, and the process's peak RSS. Targets (2-core machine): both CT
+models together under 20 s; everything but inference faster than inference;
+peak RSS under 2 GB.
+
+    .venv/bin/python bench/inference.py [--slices 300] [--size 512] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydicom import dcmread  # noqa: E402
+
+from worker.phantoms import generate_chest_ct, phantom_to_datasets  # noqa: E402
+from worker.pipeline import run_model  # noqa: E402
+from worker.registry import discover  # noqa: E402
+from worker.settings import load_settings  # noqa: E402
+from worker.volume import load_series, patient_features  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=2_000_001)
+    args = parser.parse_args()
+
+    settings = load_settings(ort_threads=args.threads)
+    models = [m for m in discover(settings.models_path) if m.enabled]
+    ct_models = [m for m in models if m.manifest and "CT" in m.manifest.routing.modalities]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.monotonic()
+        phantom = generate_chest_ct(
+            args.seed, slices=args.slices, matrix=args.size, nodule_diameter_mm=15.0
+        )
+        paths = []
+        for i, ds in enumerate(phantom_to_datasets(phantom, shuffle=True, seed=args.seed)):
+            path = Path(tmp) / f"{i:04d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        del phantom
+        gen_s = time.monotonic() - t
+        rss_before = peak_rss_mb()
+
+        t = time.monotonic()
+        volume = load_series(paths)
+        features = patient_features(dcmread(paths[0], stop_before_pixels=True))
+        decode_s = time.monotonic() - t
+
+        rows = [("decode (read + modality LUT + sort)", decode_s)]
+        total_inference = 0.0
+        total_other = decode_s
+        for model in ct_models:
+            results, timings = run_model(model, volume, features, settings)
+            rows.append((f"{model.name}: preprocess", timings["preprocess_s"]))
+            rows.append((f"{model.name}: inference", timings["inference_s"]))
+            rows.append((f"{model.name}: postprocess", timings["postprocess_s"]))
+            total_inference += timings["inference_s"]
+            total_other += timings["preprocess_s"] + timings["postprocess_s"]
+            for r in results:
+                print(
+                    f"  {model.name}: {r['finding']}: p={r['probability']} present={r['present']} "
+                    f"{ {k: v for k, v in r['measurements'].items() if k != 'components'} }"
+                )
+    n = args.slices
+    print(f"\nseries: {n} slices {args.size}x{args.size} (generated in {gen_s:.1f} s, not counted)")
+    print(f"{'stage':<45} {'seconds':>8}")
+    for name, seconds in rows:
+        print(f"{name:<45} {seconds:8.2f}")
+    both = total_inference + total_other - decode_s
+    print(f"{'both CT models, everything but decode':<45} {both:8.2f}")
+    peak = peak_rss_mb()
+    print(f"peak RSS: {peak:.0f} MB (before decode: {rss_before:.0f} MB)")
+    checks = [
+        ("both CT models < 20 s", both < 20.0),
+        ("everything but inference < inference", total_other < total_inference),
+        ("peak RSS < 2 GB", peak < 2048),
+    ]
+    for label, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}  {label}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Writes. Each function runs inside the caller's transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Boolean, TextClause, bindparam, delete, func, select, text, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from db.models import Instance, Job, JobStatus, Result, Study, UTCDateTime, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """What the listener records for one stored instance (no patient data)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    rel_path: str
+    size_bytes: int
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+    instance_number: int | None = None
+    calling_aet: str | None = None
+    produced_by_us: bool = False
+
+
+# The listener's per-instance statements. They run on the association thread
+# for every received instance, so they are plain SQL compiled once (the ORM's
+# statement building cost several milliseconds per instance), valid on SQLite
+# and PostgreSQL alike.
+_UTC = UTCDateTime()
+_INSTANCE_EXISTS = text("SELECT 1 FROM instances WHERE sop_instance_uid = :sop")
+_STUDY_ID = text("SELECT id FROM studies WHERE study_instance_uid = :uid")
+_SERIES_ID = text("SELECT id FROM series WHERE series_instance_uid = :uid")
+_INSERT_STUDY = text(
+    "INSERT INTO studies (study_instance_uid, received_at, last_instance_at, updated_at, needs_job)"
+    " VALUES (:uid, :now, :now, :now, FALSE)"
+    " ON CONFLICT (study_instance_uid) DO NOTHING RETURNING id"
+).bindparams(bindparam("now", type_=_UTC))
+_INSERT_SERIES = text(
+    "INSERT INTO series (study_id, series_instance_uid, modality, series_number,"
+    " series_description, body_part_examined, produced_by_us, created_at)"
+    " VALUES (:study_id, :uid, :modality, :series_number, :series_description,"
+    " :body_part_examined, :produced_by_us, :now)"
+    " ON CONFLICT (series_instance_uid) DO NOTHING RETURNING id"
+).bindparams(bindparam("now", type_=_UTC), bindparam("produced_by_us", type_=Boolean()))
+_INSERT_INSTANCE = text(
+    "INSERT INTO instances (study_id, series_id, sop_instance_uid, sop_class_uid,"
+    " transfer_syntax_uid, instance_number, rel_path, size_bytes, calling_aet, produced_by_us,"
+    " received_at)"
+    " VALUES (:study_id, :series_id, :sop_instance_uid, :sop_class_uid, :transfer_syntax_uid,"
+    " :instance_number, :rel_path, :size_bytes, :calling_aet, :produced_by_us, :now)"
+    " ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id"
+).bindparams(bindparam("now", type_=_UTC), bindparam("produced_by_us", type_=Boolean()))
+_TOUCH_STUDY = text("UPDATE studies SET updated_at = :now WHERE id = :id").bindparams(
+    bindparam("now", type_=_UTC)
+)
+_STUDY_HAS_NEW_INSTANCE = text(
+    "UPDATE studies SET updated_at = :now, last_instance_at = :now, needs_job = TRUE WHERE id = :id"
+).bindparams(bindparam("now", type_=_UTC))
+
+
+def _get_or_insert(
+    session: Session | Connection, select_id: TextClause, insert: TextClause, params: dict[str, Any]
+) -> int:
+    """The id of a row found by ``params["uid"]``, inserting it if missing.
+
+    ``insert`` does nothing on a conflict: a concurrent writer inserted the same
+    row meanwhile, which the second look then sees.
+    """
+    found = session.execute(select_id, {"uid": params["uid"]}).scalar()
+    if found is None:
+        found = session.execute(insert, params).scalar()
+        if found is None:
+            found = session.execute(select_id, {"uid": params["uid"]}).scalar_one()
+    return int(found)
+
+
+def instance_exists(session: Session | Connection, sop_instance_uid: str) -> bool:
+    return session.execute(_INSTANCE_EXISTS, {"sop": sop_instance_uid}).first() is not None
+
+
+def record_instance(
+    session: Session | Connection, rec: InstanceRecord, now: dt.datetime | None = None
+) -> bool:
+    """Record a stored instance; return False if its SOP Instance UID was known.
+
+    ``session`` may be an ORM session or, cheaper for the listener, a Core connection.
+
+    Four statements for an instance of a known series: look up the study and the
+    series, insert the instance, and mark the study as having news.
+    """
+    now = now or utcnow()
+    study_id = _get_or_insert(
+        session, _STUDY_ID, _INSERT_STUDY, {"uid": rec.study_instance_uid, "now": now}
+    )
+    series_id = _get_or_insert(
+        session,
+        _SERIES_ID,
+        _INSERT_SERIES,
+        {
+            "uid": rec.series_instance_uid,
+            "study_id": study_id,
+            "modality": rec.modality,
+            "series_number": rec.series_number,
+            "series_description": rec.series_description,
+            "body_part_examined": rec.body_part_examined,
+            "produced_by_us": rec.produced_by_us,
+            "now": now,
+        },
+    )
+    inserted = session.execute(
+        _INSERT_INSTANCE,
+        {
+            "study_id": study_id,
+            "series_id": series_id,
+            "sop_instance_uid": rec.sop_instance_uid,
+            "sop_class_uid": rec.sop_class_uid,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "instance_number": rec.instance_number,
+            "rel_path": rec.rel_path,
+            "size_bytes": rec.size_bytes,
+            "calling_aet": rec.calling_aet,
+            "produced_by_us": rec.produced_by_us,
+            "now": now,
+        },
+    ).scalar()
+    if inserted is None:
+        return False
+    # Our own results sent back to us are stored, but never start a job.
+    touch = _TOUCH_STUDY if rec.produced_by_us else _STUDY_HAS_NEW_INSTANCE
+    session.execute(touch, {"now": now, "id": study_id})
+    return True
+
+
+def create_job_if_stable(
+    session: Session, study_id: int, observed_last_instance_at: dt.datetime
+) -> Job | None:
+    """Create a queued job for a study, unless an instance arrived meanwhile.
+
+    Optimistic: the study's flag is cleared only if ``last_instance_at`` is still
+    the value the assembler saw, so a late instance is never folded silently
+    into a job that does not include it.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Study)
+        .where(
+            Study.id == study_id,
+            Study.needs_job.is_(True),
+            Study.last_instance_at == observed_last_instance_at,
+        )
+        .values(needs_job=False, updated_at=now)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    count = session.scalar(
+        select(func.count()).select_from(Instance).where(Instance.study_id == study_id)
+    )
+    job = Job(
+        study_id=study_id,
+        status=JobStatus.QUEUED.value,
+        attempts=0,
+        num_instances=int(count or 0),
+        created_at=now,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def mark_enqueued(session: Session, job_ids: list[int], now: dt.datetime | None = None) -> None:
+    if job_ids:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now or utcnow()))
+
+
+def claim_job(session: Session, job_id: int, lease_seconds: float, max_attempts: int) -> Job | None:
+    """Atomically take a job for running.
+
+    A job can be claimed when it is queued, or running with an expired lease (its
+    worker died). Returns None when it is done, failed, or leased to a live run,
+    so a duplicate message is harmless.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            (Job.status == JobStatus.QUEUED.value)
+            | ((Job.status == JobStatus.RUNNING.value) & (Job.lease_until < now)),
+        )
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            lease_until=now + dt.timedelta(seconds=lease_seconds),
+            error=None,
+        )
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is not None and job.attempts > max_attempts:
+        job.status = JobStatus.FAILED.value
+        job.finished_at = now
+        job.lease_until = None
+        job.error = f"gave up after {max_attempts} attempts (the worker kept dying or timing out)"
+        return None
+    return job
+
+
+def finish_job(
+    session: Session,
+    job_id: int,
+    status: JobStatus,
+    summary: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            status=status.value,
+            finished_at=utcnow(),
+            lease_until=None,
+            summary=summary,
+            error=error,
+        )
+    )
+
+
+def requeue_job(session: Session, job_id: int) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(status=JobStatus.QUEUED.value, lease_until=None, enqueued_at=None)
+    )
+
+
+def replace_results(
+    session: Session, study_id: int, job_id: int, model: str, rows: list[dict[str, Any]]
+) -> None:
+    """Store a model's results for a study, replacing what that model said before
+    (re-running a job or reprocessing a study never duplicates results)."""
+    session.execute(delete(Result).where(Result.study_id == study_id, Result.model == model))
+    now = utcnow()
+    for row in rows:
+        session.add(Result(study_id=study_id, job_id=job_id, created_at=now, **row))

@@ -1,0 +1,101 @@
+"""Engines and sessions, one engine per process (re-created after fork).
+
+No engine exists at import time. :func:`get_engine` builds one lazily for the
+current process id, so a forked Celery worker child never reuses the parent's
+connection pool.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+_lock = threading.Lock()
+_engines: dict[tuple[int, str], tuple[Engine, sessionmaker[Session]]] = {}
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy drive transactions; we emit BEGIN IMMEDIATE ourselves so
+        # concurrent writers wait on busy_timeout instead of failing on upgrade.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_db_engine(url: str) -> Engine:
+    """Create an engine with the settings pacs-ai relies on for this backend."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
+        )
+        _sqlite_setup(engine)
+        return engine
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        url = str(parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False))
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def get_engine(url: str) -> Engine:
+    return _get(url)[0]
+
+
+def _get(url: str) -> tuple[Engine, sessionmaker[Session]]:
+    key = (os.getpid(), url)
+    with _lock:
+        found = _engines.get(key)
+        if found is None:
+            engine = create_db_engine(url)
+            found = (engine, sessionmaker(engine, expire_on_commit=False))
+            _engines[key] = found
+        return found
+
+
+def dispose_all() -> None:
+    """Forget every engine (call in a forked child before first use)."""
+    with _lock:
+        for (pid, _url), (engine, _) in list(_engines.items()):
+            # close=False: never close the parent's sockets from the child.
+            engine.dispose(close=pid == os.getpid())
+        _engines.clear()
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session in one transaction: commit on success, roll back on error."""
+    maker = _get(url)[1]
+    session = maker()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

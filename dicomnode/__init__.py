@@ -1,0 +1,1 @@
+"""DICOM networking and objects: SCP, storage layout, study assembly policy."""

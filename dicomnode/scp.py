@@ -1,0 +1,375 @@
+"""The DICOM listener: Verification and Storage SCP.
+
+The C-STORE handler stays tiny: check the received bytes, move the chunked
+file to its hashed final place durably, record it, and only then answer
+success. Nothing heavy runs on the association thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
+
+from db.repo import InstanceRecord, instance_exists, record_instance
+from db.session import get_engine
+from dicomnode.constants import OWN_MANUFACTURER
+from dicomnode.storage import (
+    MalformedDataset,
+    check_structure,
+    commit_file,
+    prepare_storage,
+)
+from dicomnode.uids import InvalidUID, relative_instance_path, validate_uid
+
+log = logging.getLogger(__name__)
+
+# DICOM C-STORE statuses (PS3.4 B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+#: seconds; see StorageSCP._on_accepted
+_DUL_IDLE_DELAY = 0.0001
+
+#: Accepted as received, never transcoded.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1 (Process 14, selection value 1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+_SERIES_TAGS = [
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "InstanceNumber",
+    "Manufacturer",
+]
+#: Kept by the structure walk itself: a received file is parsed only once.
+_KEEP_TAGS = frozenset(Tag(keyword) for keyword in _SERIES_TAGS)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str
+    host: str
+    port: int
+    storage_root: Path
+    database_url: str
+    allowed_calling_aets: frozenset[str] = frozenset()
+    max_pdu_size: int = 0
+    network_timeout: float = 60.0
+    maximum_associations: int = 32
+
+
+@dataclass
+class _AssocStats:
+    calling_aet: str
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _str_or_none(value: Any, limit: int) -> str | None:
+    if value in (None, ""):
+        return None
+    return str(value)[:limit]
+
+
+class StorageSCP:
+    """A Storage + Verification SCP writing into the storage dir and database."""
+
+    def __init__(self, config: ListenerConfig) -> None:
+        self.config = config
+        self._server: ThreadedAssociationServer | None = None
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+
+    # -- set-up -------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_pdu_size = self.config.max_pdu_size
+        ae.network_timeout = self.config.network_timeout
+        ae.acse_timeout = self.config.network_timeout
+        ae.dimse_timeout = self.config.network_timeout
+        ae.maximum_associations = self.config.maximum_associations
+        if self.config.allowed_calling_aets:
+            ae.require_calling_aet = sorted(self.config.allowed_calling_aets)
+        contexts: list[PresentationContext] = []
+        for cx in StoragePresentationContexts:
+            contexts.append(_context(str(cx.abstract_syntax)))
+        contexts.append(_context(VERIFICATION))
+        ae.supported_contexts = contexts
+        return ae
+
+    def handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+
+    def start(self) -> ThreadedAssociationServer:
+        """Start listening in background threads; returns the server."""
+        incoming = prepare_storage(self.config.storage_root)
+        # Receive each C-STORE straight into a temp file on the storage file system
+        # (flat memory for large instances; the final rename stays atomic).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's standard handlers format every PDU and DIMSE message
+            # into log lines even when nothing would print them.
+            _config.LOG_HANDLER_LEVEL = "none"
+        # pynetdicom drops the whole association on a request whose UID parameter
+        # it finds invalid (e.g. an overlong Affected SOP Instance UID); let every
+        # request through so the handler refuses it with 0xA900 and the rest of
+        # the association is still served (the handler validates every UID).
+        _config.VALIDATORS["UI"] = _accept_uid
+        tempfile.tempdir = str(incoming)
+        ae = self._make_ae()
+        server = ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=self.handlers()
+        )
+        assert server is not None
+        self._server = server
+        log.info(
+            "listening as %s on %s:%d, storage %s",
+            self.config.ae_title,
+            self.config.host,
+            self.port,
+            self.config.storage_root,
+        )
+        return server
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.config.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info("listener stopped")
+
+    # -- handlers -----------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        # pynetdicom's DUL thread sleeps this long whenever it finds nothing to
+        # do (1 ms by default), which delays every response and every PDU that
+        # arrives a moment late; a shorter nap costs little CPU.
+        event.assoc.dul._run_loop_delay = _DUL_IDLE_DELAY
+        aet = str(event.assoc.requestor.ae_title).strip()
+        with self._lock:
+            self._stats[id(event.assoc)] = _AssocStats(calling_aet=aet)
+        log.info("association accepted from %s (%s)", aet, event.assoc.requestor.address)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning(
+            "association rejected from %s (%s)",
+            str(event.assoc.requestor.ae_title).strip(),
+            event.assoc.requestor.address,
+        )
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        elapsed = max(time.monotonic() - stats.started, 1e-6)
+        log.info(
+            "association from %s %s: %d stored, %d duplicate, %d failed, %.1f MB in %.1f s",
+            stats.calling_aet,
+            "released" if event.event is evt.EVT_RELEASED else "aborted",
+            stats.stored,
+            stats.duplicates,
+            stats.failed,
+            stats.bytes / 1e6,
+            elapsed,
+        )
+
+    def _count(self, event: evt.Event, outcome: str, size: int = 0) -> None:
+        with self._lock:
+            stats = self._stats.get(id(event.assoc))
+            if stats is None:
+                return
+            if outcome == "stored":
+                stats.stored += 1
+                stats.bytes += size
+            elif outcome == "duplicate":
+                stats.duplicates += 1
+            else:
+                stats.failed += 1
+
+    def _on_store(self, event: evt.Event) -> int:
+        status = self._store(event)
+        return status
+
+    def _store(self, event: evt.Event) -> int:
+        request = cast(C_STORE, event.request)
+        context = event.context
+        path = Path(event.dataset_path)
+        affected_sop = str(request.AffectedSOPInstanceUID or "")
+        # 1. Can the bytes be parsed at all?
+        try:
+            ds = check_structure(path, str(context.transfer_syntax), _KEEP_TAGS)
+        except Exception as exc:  # any parse failure
+            log.warning("C-STORE refused 0xC210: cannot parse dataset (%s)", _reason(exc))
+            self._count(event, "failed")
+            return CANNOT_UNDERSTAND
+        # 2. Does it carry valid identifiers that match the request?
+        try:
+            rec = self._record_for(event, ds, path)
+        except InvalidUID as exc:
+            log.warning("C-STORE refused 0xA900: %s", exc)
+            self._count(event, "failed")
+            return DATASET_DOES_NOT_MATCH
+        if rec.sop_instance_uid != affected_sop or rec.sop_class_uid != str(
+            context.abstract_syntax
+        ):
+            log.warning(
+                "C-STORE refused 0xA900: dataset SOP Class/Instance UID does not match the "
+                "request (request sop=%s)",
+                _safe_uid(affected_sop),
+            )
+            self._count(event, "failed")
+            return DATASET_DOES_NOT_MATCH
+        # 3. Store durably, record, then answer success.
+        url = self.config.database_url
+        try:
+            with get_engine(url).begin() as conn:
+                if instance_exists(conn, rec.sop_instance_uid):
+                    log.debug("duplicate sop=%s ignored", rec.sop_instance_uid)
+                    self._count(event, "duplicate")
+                    return SUCCESS
+        except Exception as exc:  # noqa: BLE001 - database unreachable
+            log.error("C-STORE refused 0xA700: database unavailable (%s)", type(exc).__name__)
+            self._count(event, "failed")
+            return OUT_OF_RESOURCES
+        final = self.config.storage_root / rec.rel_path
+        existed = final.exists()
+        try:
+            commit_file(path, self.config.storage_root, rec.rel_path)
+        except OSError as exc:
+            log.error("C-STORE refused 0xA700: cannot store instance (%s)", exc.strerror)
+            self._count(event, "failed")
+            return OUT_OF_RESOURCES
+        try:
+            with get_engine(url).begin() as conn:
+                created = record_instance(conn, rec)
+        except Exception as exc:  # noqa: BLE001 - database unreachable or full
+            if not existed:
+                final.unlink(missing_ok=True)
+            log.error(
+                "C-STORE refused 0xA700: cannot record sop=%s (%s)",
+                rec.sop_instance_uid,
+                type(exc).__name__,
+            )
+            self._count(event, "failed")
+            return OUT_OF_RESOURCES
+        self._count(event, "stored" if created else "duplicate", rec.size_bytes)
+        log.debug(
+            "stored sop=%s series=%s study=%s bytes=%d",
+            rec.sop_instance_uid,
+            rec.series_instance_uid,
+            rec.study_instance_uid,
+            rec.size_bytes,
+        )
+        return SUCCESS
+
+    def _record_for(self, event: evt.Event, ds: Dataset, path: Path) -> InstanceRecord:
+        study = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class = validate_uid(ds.get("SOPClassUID"), "SOPClassUID")
+        return InstanceRecord(
+            study_instance_uid=study,
+            series_instance_uid=series,
+            sop_instance_uid=sop,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            rel_path=relative_instance_path(study, series, sop),
+            size_bytes=path.stat().st_size,
+            modality=_str_or_none(ds.get("Modality"), 16),
+            series_number=_int_or_none(ds.get("SeriesNumber")),
+            series_description=_str_or_none(ds.get("SeriesDescription"), 64),
+            body_part_examined=_str_or_none(ds.get("BodyPartExamined"), 16),
+            instance_number=_int_or_none(ds.get("InstanceNumber")),
+            calling_aet=str(event.assoc.requestor.ae_title).strip()[:16],
+            produced_by_us=str(ds.get("Manufacturer", "")) == OWN_MANUFACTURER,
+        )
+
+
+def _context(
+    abstract_syntax: str, syntaxes: Iterable[str] = TRANSFER_SYNTAXES
+) -> PresentationContext:
+    cx = PresentationContext()
+    cx.abstract_syntax = abstract_syntax
+    cx.transfer_syntax = list(syntaxes)
+    return cx
+
+
+def _accept_uid(value: object) -> tuple[bool, str]:
+    return True, ""
+
+
+def _safe_uid(value: str) -> str:
+    try:
+        return validate_uid(value, "uid")
+    except InvalidUID:
+        return "<invalid>"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, MalformedDataset):
+        return str(exc)
+    return type(exc).__name__

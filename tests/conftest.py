@@ -1,0 +1,397 @@
+"""Shared fixtures: real pacs-ai processes, real PostgreSQL and Redis, a DICOM SCU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_context
+
+PG_ADMIN_URL = os.environ.get(
+    "PACS_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.2,
+    what: str = "condition",
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# -- DICOM SCU ----------------------------------------------------------------
+
+
+def send_datasets(
+    port: int,
+    items: Sequence[Path | Dataset],
+    ae_title: str = "TESTSCU",
+    called: str = "PACSAI",
+) -> list[int]:
+    """C-STORE each item in one association, proposing each file's own transfer
+    syntax (as a PACS does). Returns the status of each C-STORE (-1 if none)."""
+    datasets = [dcmread(p) if isinstance(p, Path) else p for p in items]
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    pairs = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    assert len(pairs) <= 128
+    contexts = [build_context(sop, [ts]) for sop, ts in sorted(pairs)]
+    assoc = ae.associate("127.0.0.1", port, contexts=contexts, ae_title=called)
+    assert assoc.is_established, "association was not accepted"
+    statuses = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status) if "Status" in status else -1)
+    finally:
+        assoc.release()
+    return statuses
+
+
+# -- services -----------------------------------------------------------------
+
+
+def _pg_exec(sql: str) -> None:
+    import psycopg
+
+    dsn = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database on the local server."""
+    name = f"pacsai_test_{uuid.uuid4().hex[:12]}"
+    _pg_exec(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    _pg_exec(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    _pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_block(url: str, blocked: bool) -> None:
+    """Make a test database unreachable (and cut its sessions), or reachable again."""
+    name = url.rsplit("/", 1)[1]
+    _pg_exec(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"false" if blocked else "true"}')
+    if blocked:
+        _pg_exec(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def flushall(self) -> None:
+        subprocess.run(
+            ["redis-cli", "-p", str(self.port), "FLUSHALL"], check=True, capture_output=True
+        )
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private Redis on a free port (so a test may flush or kill it)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: port_open(port), 10, what="redis")
+    yield RedisServer(port, proc)
+    proc.terminate()
+    proc.wait(10)
+
+
+# -- pacs-ai processes ----------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """A pacs-ai installation in a temp dir, driven through its real CLI."""
+
+    root: Path
+    env: dict[str, str]
+    port: int
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def storage(self) -> Path:
+        return Path(self.env["PACS_AI_DATA_DIR"]) / "storage"
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
+        with open(self.log_dir / "cli.log", "a") as fh:
+            fh.write(result.stderr)
+        if check and result.returncode != 0:
+            raise AssertionError(f"pacs-ai {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", *(args or (name,))],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_listener(self) -> None:
+        self.start("listen")
+        wait_for(lambda: port_open(self.port), 30, what="listener port")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def logs(self) -> str:
+        if not self.log_dir.exists():
+            return ""
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
+
+    def studies(self) -> list[dict[str, Any]]:
+        return list(self.json("studies", "list"))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self.json("jobs", "list"))
+
+    def wait_jobs(
+        self, study_uids: Sequence[str], status: str = "done", timeout: float = 60
+    ) -> list[dict[str, Any]]:
+        wanted = set(study_uids)
+
+        def ready() -> list[dict[str, Any]] | None:
+            jobs = [j for j in self.jobs() if j["study_instance_uid"] in wanted]
+            latest: dict[str, dict[str, Any]] = {}
+            for job in sorted(jobs, key=lambda j: j["id"]):
+                latest[job["study_instance_uid"]] = job
+            if set(latest) == wanted and all(j["status"] == status for j in latest.values()):
+                return jobs
+            return None
+
+        return list(wait_for(ready, timeout, 0.5, what=f"jobs {status}"))
+
+
+NodeFactory = Callable[..., Node]
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    nodes: list[Node] = []
+
+    def make(database_url: str = "", broker_url: str = "", **settings: Any) -> Node:
+        root = tmp_path / f"node{len(nodes)}"
+        root.mkdir()
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
+        env.update(
+            PACS_AI_DATA_DIR=str(root / "data"),
+            PACS_AI_PORT=str(port),
+            PACS_AI_HOST="127.0.0.1",
+            PACS_AI_STABLE_SECONDS="1",
+            PACS_AI_ASSEMBLER_INTERVAL="0.3",
+            PACS_AI_LOG_LEVEL="DEBUG",
+            PYTHONPATH=str(REPO),
+        )
+        if database_url:
+            env["PACS_AI_DATABASE_URL"] = database_url
+        if broker_url:
+            env["PACS_AI_BROKER_URL"] = broker_url
+        for key, value in settings.items():
+            env[f"PACS_AI_{key.upper()}"] = str(value)
+        node = Node(root=root, env=env, port=port)
+        node.log_dir.mkdir()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop_all()
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+# -- helpers for fault and security tests ----------------------------------------
+
+
+def send_files_raw(
+    port: int,
+    paths: Sequence[Path],
+    ae_title: str = "TESTSCU",
+    called: str = "PACSAI",
+) -> list[int]:
+    """C-STORE Part 10 files in one association, sending each file's dataset
+    bytes exactly as they are on disk (pynetdicom's chunked send: nothing is
+    decoded or re-encoded, so truncated or garbage datasets go out as they are).
+    Each file's own transfer syntax is proposed. Returns the statuses."""
+    from pynetdicom import _config
+    from pynetdicom.dsutils import split_dataset
+
+    metas = [split_dataset(Path(p))[0] for p in paths]
+    pairs = {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}
+    contexts = [build_context(sop, [ts]) for sop, ts in sorted(pairs)]
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    saved = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, contexts=contexts, ae_title=called)
+        assert assoc.is_established, "association was not accepted"
+        statuses = []
+        try:
+            for path in paths:
+                status = assoc.send_c_store(Path(path))
+                statuses.append(int(status.Status) if "Status" in status else -1)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = saved
+    return statuses
+
+
+def listener_node(node_factory: NodeFactory, **settings: Any) -> Node:
+    """A node running only its listener (SQLite, migrated): for storage tests."""
+    node = node_factory(**settings)
+    node.cli("db", "upgrade")
+    node.start_listener()
+    return node
+
+
+def node_db_url(node: Node) -> str:
+    url = node.env.get("PACS_AI_DATABASE_URL")
+    return url or f"sqlite:///{node.env['PACS_AI_DATA_DIR']}/pacs-ai.sqlite3"
+
+
+def db_rows(node: Node, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Run a read-only SQL query on the node's database (no pooled connections)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(node_db_url(node), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params).all()]
+    finally:
+        engine.dispose()
+
+
+def db_count(node: Node, table: str) -> int:
+    return int(db_rows(node, f"SELECT count(*) FROM {table}")[0][0])
+
+
+def stored_files(node: Node) -> list[Path]:
+    """Committed instance files in the node's storage (not the incoming dir)."""
+    if not node.storage.exists():
+        return []
+    return sorted(p for p in node.storage.rglob("*") if p.is_file() and ".incoming" not in p.parts)
+
+
+def incoming_files(node: Node) -> list[Path]:
+    inc = node.storage / ".incoming"
+    return sorted(p for p in inc.rglob("*") if p.is_file()) if inc.exists() else []
+
+
+@contextmanager
+def scu_sends_any_uid() -> Iterator[None]:
+    """Let this process's pynetdicom (the SCU side only) put any value into a
+    request's UID parameters, so that a hostile or overlong SOP Instance UID
+    reaches the listener under test, which must refuse it itself."""
+    from pynetdicom import _config
+
+    saved = _config.VALIDATORS["UI"]
+    _config.VALIDATORS["UI"] = lambda value: (True, "")
+    try:
+        yield
+    finally:
+        _config.VALIDATORS["UI"] = saved

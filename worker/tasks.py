@@ -1,0 +1,37 @@
+"""Celery tasks: thin wrappers that take ids only."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_ready
+
+from worker.celery_app import PROCESS_JOB_TASK
+from worker.jobs import run_job
+from worker.pipeline import process_study
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def register_tasks(app: Celery) -> None:
+    settings: Settings = app.conf.pacs_ai_settings
+
+    @app.task(name=PROCESS_JOB_TASK, bind=True, max_retries=None)
+    def process_job(self: Task, job_id: int) -> str:
+        try:
+            return run_job(int(job_id), settings, processor=process_study)
+        except Exception as exc:  # transient only: run_job handles the rest
+            log.warning("job %s hit a transient error (%s); retrying", job_id, type(exc).__name__)
+            raise self.retry(countdown=min(60, 5 * (self.request.retries + 1))) from None
+
+    @worker_ready.connect(weak=False)
+    def _reconcile_at_start(**_: Any) -> None:
+        from worker.scheduler import reconcile_once
+
+        try:
+            reconcile_once(settings, app)
+        except Exception as exc:  # never stop the worker for this
+            log.warning("start-up reconcile failed (%s)", type(exc).__name__)
