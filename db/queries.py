@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Job, Result, Series, Study
+from db.models import Delivery, Instance, Job, Result, Series, Study
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -16,8 +16,10 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def list_studies(
-    session: Session, limit: int | None = None, offset: int = 0
+    session: Session, limit: int | None = None, offset: int = 0, study_uid: str | None = None
 ) -> list[dict[str, Any]]:
+    """Studies, newest first. ``findings``: the present findings of the study's
+    stored results (the code meanings, sorted)."""
     counts = (
         select(
             Instance.study_id.label("study_id"),
@@ -27,12 +29,13 @@ def list_studies(
         .group_by(Instance.study_id)
         .subquery()
     )
+    stmt = select(Study, counts.c.num_instances, counts.c.num_series).outerjoin(
+        counts, counts.c.study_id == Study.id
+    )
+    if study_uid:
+        stmt = stmt.where(Study.study_instance_uid == study_uid)
     rows = session.execute(
-        select(Study, counts.c.num_instances, counts.c.num_series)
-        .outerjoin(counts, counts.c.study_id == Study.id)
-        .order_by(Study.received_at.desc(), Study.id.desc())
-        .limit(limit)
-        .offset(offset)
+        stmt.order_by(Study.received_at.desc(), Study.id.desc()).limit(limit).offset(offset)
     ).all()
     study_ids = [row[0].id for row in rows]
     modalities: dict[int, set[str]] = {sid: set() for sid in study_ids}
@@ -44,6 +47,20 @@ def list_studies(
     latest: dict[int, Job] = {}
     for job in session.scalars(select(Job).where(Job.study_id.in_(study_ids)).order_by(Job.id)):
         latest[job.study_id] = job
+    findings: dict[int, set[str]] = {sid: set() for sid in study_ids}
+    for sid, finding in session.execute(
+        select(Result.study_id, Result.finding)
+        .where(Result.study_id.in_(study_ids), Result.present.is_(True))
+        .distinct()
+    ):
+        findings[sid].add(finding)
+    deliveries: dict[int, dict[str, int]] = {sid: {} for sid in study_ids}
+    for sid, d_status, n in session.execute(
+        select(Delivery.study_id, Delivery.status, func.count(Delivery.id))
+        .where(Delivery.study_id.in_(study_ids))
+        .group_by(Delivery.study_id, Delivery.status)
+    ):
+        deliveries[sid][d_status] = int(n)
     out = []
     for study, num_instances, num_series in rows:
         last_job = latest.get(study.id)
@@ -61,6 +78,8 @@ def list_studies(
                 "num_instances": int(num_instances or 0),
                 "status": status,
                 "latest_job_id": last_job.id if last_job is not None else None,
+                "findings": sorted(findings.get(study.id, ())),
+                "deliveries": deliveries.get(study.id, {}),
                 "received_at": _iso(study.received_at),
                 "last_instance_at": _iso(study.last_instance_at),
                 "updated_at": _iso(study.updated_at),
@@ -134,7 +153,11 @@ def list_results(
     since: dt.datetime | None = None,
     limit: int | None = None,
     offset: int = 0,
+    until: dt.datetime | None = None,
+    min_probability: float | None = None,
 ) -> list[dict[str, Any]]:
+    """Results, newest first; ``since``/``until`` bound ``created_at`` (until is
+    exclusive); ``min_probability`` keeps classification results at or above it."""
     stmt = select(Result, Study.study_instance_uid).join(Study, Study.id == Result.study_id)
     if study_uid:
         stmt = stmt.where(Study.study_instance_uid == study_uid)
@@ -146,5 +169,107 @@ def list_results(
         stmt = stmt.where(Result.present.is_(present))
     if since is not None:
         stmt = stmt.where(Result.created_at >= since)
+    if until is not None:
+        stmt = stmt.where(Result.created_at < until)
+    if min_probability is not None:
+        stmt = stmt.where(Result.probability >= min_probability)
     stmt = stmt.order_by(Result.id.desc()).limit(limit).offset(offset)
     return [result_dict(r, uid) for r, uid in session.execute(stmt).all()]
+
+
+def delivery_dict(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "job_id": d.job_id,
+        "study_instance_uid": d.study_instance_uid,
+        "series_instance_uid": d.series_instance_uid,
+        "sop_instance_uid": d.sop_instance_uid,
+        "sop_class_uid": d.sop_class_uid,
+        "kind": d.kind,
+        "destination": d.destination,
+        "status": d.status,
+        "attempts": d.attempts,
+        "last_error": d.last_error,
+        "created_at": _iso(d.created_at),
+        "next_attempt_at": _iso(d.next_attempt_at) if d.status == "pending" else None,
+        "sent_at": _iso(d.sent_at),
+    }
+
+
+def list_deliveries(
+    session: Session,
+    study_uid: str | None = None,
+    status: str | None = None,
+    job_id: int | None = None,
+    destination: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    stmt = select(Delivery)
+    if study_uid:
+        stmt = stmt.where(Delivery.study_instance_uid == study_uid)
+    if status:
+        stmt = stmt.where(Delivery.status == status)
+    if job_id is not None:
+        stmt = stmt.where(Delivery.job_id == job_id)
+    if destination:
+        stmt = stmt.where(Delivery.destination == destination)
+    stmt = stmt.order_by(Delivery.id.desc()).limit(limit).offset(offset)
+    return [delivery_dict(d) for d in session.scalars(stmt)]
+
+
+def list_series(session: Session, study_uid: str) -> list[dict[str, Any]]:
+    """The series of a study with their instance counts, by series number."""
+    counts = (
+        select(Instance.series_id.label("series_id"), func.count(Instance.id).label("n"))
+        .group_by(Instance.series_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Series, counts.c.n)
+        .join(Study, Study.id == Series.study_id)
+        .outerjoin(counts, counts.c.series_id == Series.id)
+        .where(Study.study_instance_uid == study_uid)
+        .order_by(Series.series_number, Series.id)
+    ).all()
+    return [
+        {
+            "series_instance_uid": series.series_instance_uid,
+            "modality": series.modality,
+            "series_number": series.series_number,
+            "series_description": series.series_description,
+            "body_part_examined": series.body_part_examined,
+            "num_instances": int(n or 0),
+            "produced_by_us": series.produced_by_us,
+            "created_at": _iso(series.created_at),
+        }
+        for series, n in rows
+    ]
+
+
+def count_by_status(session: Session) -> dict[str, dict[str, int]]:
+    """Jobs and deliveries by status (for metrics and the dashboard)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, column in (("jobs", Job.status), ("deliveries", Delivery.status)):
+        out[name] = {
+            str(status): int(n)
+            for status, n in session.execute(select(column, func.count()).group_by(column))
+        }
+    return out
+
+
+def studies_with_results(
+    session: Session, model: str, since: dt.datetime | None = None
+) -> list[str]:
+    """Study Instance UIDs with stored results of ``model`` (received at or after
+    ``since``), oldest first: what ``pacs-ai reprocess --model`` runs again."""
+    stmt = (
+        select(Study.study_instance_uid, Study.received_at)
+        .join(Result, Result.study_id == Study.id)
+        .where(Result.model == model)
+        .distinct()
+    )
+    if since is not None:
+        stmt = stmt.where(Study.received_at >= since)
+    rows = session.execute(stmt).all()
+    return [uid for uid, _ in sorted(rows, key=lambda r: (r[1], r[0]))]

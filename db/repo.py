@@ -10,7 +10,17 @@ from sqlalchemy import Boolean, TextClause, bindparam, delete, func, select, tex
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Job, JobStatus, Result, Study, UTCDateTime, utcnow
+from db.models import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    Job,
+    JobStatus,
+    Result,
+    Study,
+    UTCDateTime,
+    utcnow,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,3 +265,214 @@ def replace_results(
     now = utcnow()
     for row in rows:
         session.add(Result(study_id=study_id, job_id=job_id, created_at=now, **row))
+
+
+# -- deliveries -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """A built result object for one destination."""
+
+    study_id: int
+    job_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    kind: str
+    destination: str
+    rel_path: str
+
+
+def upsert_delivery(session: Session, rec: DeliveryRecord) -> int | None:
+    """Record that ``rec`` is to be sent; return its id if it needs sending.
+
+    A row already sent is left alone (re-running a job never sends an object
+    twice); a pending or failed row is made due again now.
+    """
+    now = utcnow()
+    found = session.scalar(
+        select(Delivery).where(
+            Delivery.sop_instance_uid == rec.sop_instance_uid,
+            Delivery.destination == rec.destination,
+        )
+    )
+    if found is None:
+        row = Delivery(
+            study_id=rec.study_id,
+            job_id=rec.job_id,
+            study_instance_uid=rec.study_instance_uid,
+            series_instance_uid=rec.series_instance_uid,
+            sop_instance_uid=rec.sop_instance_uid,
+            sop_class_uid=rec.sop_class_uid,
+            kind=rec.kind,
+            destination=rec.destination,
+            rel_path=rec.rel_path,
+            status=DeliveryStatus.PENDING.value,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+            next_attempt_at=now,
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+    if found.status == DeliveryStatus.SENT.value:
+        return None
+    if found.status == DeliveryStatus.FAILED.value:
+        found.attempts = 0
+    found.job_id = rec.job_id
+    found.rel_path = rec.rel_path
+    found.status = DeliveryStatus.PENDING.value
+    found.next_attempt_at = now
+    found.updated_at = now
+    return found.id
+
+
+def claim_delivery(session: Session, delivery_id: int, lease_seconds: float) -> Delivery | None:
+    """Take a due, pending delivery for one attempt (attempts + 1), or None when it
+    is sent, failed, not yet due, or held by another live dispatch run."""
+    now = utcnow()
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            Delivery.status == DeliveryStatus.PENDING.value,
+            Delivery.next_attempt_at <= now + dt.timedelta(seconds=1),
+            (Delivery.lease_until.is_(None)) | (Delivery.lease_until < now),
+        )
+        .values(
+            attempts=Delivery.attempts + 1,
+            lease_until=now + dt.timedelta(seconds=lease_seconds),
+            enqueued_at=None,
+            updated_at=now,
+        )
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    return session.get(Delivery, delivery_id, populate_existing=True)
+
+
+def finish_delivery(
+    session: Session,
+    delivery_id: int,
+    status: DeliveryStatus,
+    error: str | None = None,
+    retry_at: dt.datetime | None = None,
+) -> None:
+    """Record the outcome of an attempt: sent, failed, or pending until ``retry_at``."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": status.value,
+        "lease_until": None,
+        "updated_at": now,
+        "last_error": error,
+    }
+    if status is DeliveryStatus.SENT:
+        values["sent_at"] = now
+    if retry_at is not None:
+        values["next_attempt_at"] = retry_at
+    session.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
+
+
+def due_deliveries(
+    session: Session, now: dt.datetime, resend_before: dt.datetime
+) -> list[tuple[int, str]]:
+    """(id, destination) of pending deliveries that are due and have no live
+    message (never sent to the broker, or sent before ``resend_before``)."""
+    rows = session.execute(
+        select(Delivery.id, Delivery.destination)
+        .where(
+            Delivery.status == DeliveryStatus.PENDING.value,
+            Delivery.next_attempt_at <= now,
+            (Delivery.lease_until.is_(None)) | (Delivery.lease_until < now),
+            (Delivery.enqueued_at.is_(None)) | (Delivery.enqueued_at < resend_before),
+        )
+        .order_by(Delivery.id)
+    ).all()
+    return [(int(i), str(d)) for i, d in rows]
+
+
+def mark_deliveries_enqueued(
+    session: Session, ids: list[int], now: dt.datetime | None = None
+) -> None:
+    if ids:
+        session.execute(
+            update(Delivery).where(Delivery.id.in_(ids)).values(enqueued_at=now or utcnow())
+        )
+
+
+def reset_deliveries(
+    session: Session, study_uid: str | None = None, job_id: int | None = None
+) -> list[int]:
+    """Make every delivery of a study (or a job) pending again, attempts 0; return ids."""
+    stmt = select(Delivery.id)
+    if study_uid is not None:
+        stmt = stmt.where(Delivery.study_instance_uid == study_uid)
+    if job_id is not None:
+        stmt = stmt.where(Delivery.job_id == job_id)
+    ids = [int(i) for i in session.scalars(stmt)]
+    if ids:
+        now = utcnow()
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(
+                status=DeliveryStatus.PENDING.value,
+                attempts=0,
+                last_error=None,
+                next_attempt_at=now,
+                lease_until=None,
+                enqueued_at=None,
+                updated_at=now,
+            )
+        )
+    return ids
+
+
+class ReprocessRefused(Exception):
+    """A study cannot be reprocessed now; the message says why."""
+
+
+def create_reprocess_job(session: Session, study_uid: str) -> Job:
+    """A new queued job for a stored study (admin reprocess), committed by the
+    caller and then sent by id like any other job.
+
+    Refused (:class:`ReprocessRefused`) when the study is unknown, has nothing to
+    process, or already has a queued or running job.
+    """
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    if study is None:
+        raise LookupError(f"no study {study_uid}")
+    active = session.scalar(
+        select(Job.id)
+        .where(
+            Job.study_id == study.id,
+            Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+        )
+        .limit(1)
+    )
+    if active is not None:
+        raise ReprocessRefused(f"study {study_uid} already has job {active} queued or running")
+    count = session.scalar(
+        select(func.count())
+        .select_from(Instance)
+        .where(Instance.study_id == study.id, Instance.produced_by_us.is_(False))
+    )
+    if not count:
+        raise ReprocessRefused(f"study {study_uid} has no received instances to process")
+    total = session.scalar(
+        select(func.count()).select_from(Instance).where(Instance.study_id == study.id)
+    )
+    now = utcnow()
+    job = Job(
+        study_id=study.id,
+        status=JobStatus.QUEUED.value,
+        attempts=0,
+        num_instances=int(total or 0),
+        created_at=now,
+    )
+    session.add(job)
+    session.flush()
+    return job

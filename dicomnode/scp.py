@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -35,6 +35,26 @@ from dicomnode.storage import (
 from dicomnode.uids import InvalidUID, relative_instance_path, validate_uid
 
 log = logging.getLogger(__name__)
+
+
+def register_retired_storage_classes() -> None:
+    """Map the retired storage SOP classes that pynetdicom still offers in its
+    storage contexts (Ultrasound Image Storage (retired), NM (retired), ...) to
+    the Storage service class. Without this pynetdicom accepts the context but
+    aborts the whole association on the first C-STORE of such an instance,
+    which old archives still send."""
+    import re
+
+    from pydicom.uid import UID
+    from pynetdicom.service_class import ServiceClass, StorageServiceClass
+    from pynetdicom.sop_class import register_uid, uid_to_service_class
+
+    for cx in StoragePresentationContexts:
+        uid = str(cx.abstract_syntax)
+        if uid_to_service_class(uid) is ServiceClass:
+            keyword = "PacsAi" + re.sub(r"[^A-Za-z0-9]", "", UID(uid).name.title())
+            register_uid(uid, keyword, StorageServiceClass)
+
 
 # DICOM C-STORE statuses (PS3.4 B.2.3)
 SUCCESS = 0x0000
@@ -116,11 +136,33 @@ def _str_or_none(value: Any, limit: int) -> str | None:
     return str(value)[:limit]
 
 
+class ListenerObserver(Protocol):
+    """Receives the listener's counts (the CLI passes worker.metrics)."""
+
+    def record_association(self, accepted: bool) -> None: ...
+
+    def record_instance(self, size_bytes: int, duplicate: bool) -> None: ...
+
+    def record_cstore_failure(self, status: int) -> None: ...
+
+
+class _NoObserver:
+    def record_association(self, accepted: bool) -> None:
+        pass
+
+    def record_instance(self, size_bytes: int, duplicate: bool) -> None:
+        pass
+
+    def record_cstore_failure(self, status: int) -> None:
+        pass
+
+
 class StorageSCP:
     """A Storage + Verification SCP writing into the storage dir and database."""
 
-    def __init__(self, config: ListenerConfig) -> None:
+    def __init__(self, config: ListenerConfig, observer: ListenerObserver | None = None) -> None:
         self.config = config
+        self.observer: ListenerObserver = observer or _NoObserver()
         self._server: ThreadedAssociationServer | None = None
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
@@ -136,6 +178,7 @@ class StorageSCP:
         ae.maximum_associations = self.config.maximum_associations
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = sorted(self.config.allowed_calling_aets)
+        register_retired_storage_classes()
         contexts: list[PresentationContext] = []
         for cx in StoragePresentationContexts:
             contexts.append(_context(str(cx.abstract_syntax)))
@@ -211,9 +254,11 @@ class StorageSCP:
         aet = str(event.assoc.requestor.ae_title).strip()
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats(calling_aet=aet)
+        self.observer.record_association(True)
         log.info("association accepted from %s (%s)", aet, event.assoc.requestor.address)
 
     def _on_rejected(self, event: evt.Event) -> None:
+        self.observer.record_association(False)
         log.warning(
             "association rejected from %s (%s)",
             str(event.assoc.requestor.ae_title).strip(),
@@ -238,6 +283,8 @@ class StorageSCP:
         )
 
     def _count(self, event: evt.Event, outcome: str, size: int = 0) -> None:
+        if outcome != "failed":
+            self.observer.record_instance(size, duplicate=outcome == "duplicate")
         with self._lock:
             stats = self._stats.get(id(event.assoc))
             if stats is None:
@@ -252,6 +299,8 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         status = self._store(event)
+        if status != SUCCESS:
+            self.observer.record_cstore_failure(status)
         return status
 
     def _store(self, event: evt.Event) -> int:

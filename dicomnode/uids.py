@@ -49,3 +49,38 @@ def relative_instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str
         validate_uid(uid, name)
     study = uid_digest(study_uid)
     return f"{study[:2]}/{study[:32]}/{uid_digest(series_uid)[:32]}/{uid_digest(sop_uid)}.dcm"
+
+
+#: The default root of the UIDs pacs-ai generates: ``2.25`` (PS3.5 B.2), followed by
+#: a 128-bit number taken from a SHA-256 of what the object was derived from.
+DEFAULT_UID_ROOT = "2.25"
+
+
+def check_uid_root(root: str) -> str:
+    """Validate a UID root for :func:`derived_uid` (leaves room for 24 digits)."""
+    text = root.strip().rstrip(".")
+    if text == DEFAULT_UID_ROOT:
+        return text
+    if not _UID.match(text) or len(text) > 39:
+        raise InvalidUID(
+            f"UID root {root!r} is not a UID prefix of digits and dots of at most 39 characters"
+        )
+    return text
+
+
+def derived_uid(root: str, *parts: str) -> str:
+    """A deterministic UID: the same ``parts`` under the same ``root`` always give
+    the same UID, different parts give different UIDs (SHA-256).
+
+    Under the default root ``2.25`` the suffix is a 128-bit integer (a UUID as
+    PS3.5 B.2 allows); under an organisation root it fills the remaining digits.
+    """
+    root = check_uid_root(root)
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    number = int.from_bytes(digest, "big")
+    if root == DEFAULT_UID_ROOT:
+        suffix = number >> 128  # 128 bits, as a UUID
+    else:
+        room = 64 - len(root) - 1
+        suffix = number % (10**room)
+    return f"{root}.{suffix or 1}"

@@ -5,7 +5,8 @@
 #   scripts/setup.sh venv       .venv with `pip install -e .[dev]` (redone when
 #                               pyproject.toml changes; a stamp file remembers)
 #   scripts/setup.sh system     Debian packages for the tests: dcmtk, dicom3tools,
-#                               redis-server, postgresql (apt-get, as root)
+#                               redis-server, postgresql, orthanc, chromium,
+#                               chromium-driver (apt-get, as root)
 #   scripts/setup.sh services   start PostgreSQL and Redis if they are down
 #   scripts/setup.sh all        all three (the default)
 #
@@ -77,6 +78,10 @@ setup_system() {
     local missing=()
     have storescu && have echoscu && have dcmdump || missing+=(dcmtk)
     have dciodvfy || missing+=(dicom3tools)
+    # the dashboard test drives a real headless Chromium (never a downloaded browser)
+    have chromium || missing+=(chromium)
+    have chromedriver || missing+=(chromium-driver)
+    have Orthanc || missing+=(orthanc) # a real PACS for the results round trip test
     have redis-server && have redis-cli || missing+=(redis-server)
     have psql && have pg_isready || missing+=(postgresql-client)
     # the test suite needs a local PostgreSQL server, not only the client

@@ -280,6 +280,7 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
             PACS_AI_STABLE_SECONDS="1",
             PACS_AI_ASSEMBLER_INTERVAL="0.3",
             PACS_AI_LOG_LEVEL="DEBUG",
+            PACS_AI_API_PORT=str(free_port()),  # `run` serves the API too
             PYTHONPATH=str(REPO),
         )
         if database_url:

@@ -165,3 +165,26 @@ def test_classify_edge_cases() -> None:
         classify([0.1, float("nan")], "mean", 0.5)
     with pytest.raises(ValueError):
         classify([0.1], "median", 0.5)
+
+
+def test_max_consistent_ignores_single_thin_slice_false_positives() -> None:
+    clean = np.zeros(300)
+    clean[[40, 41, 150]] = 0.99  # a pair and a single slice: vessel crossings on 1 mm slices
+    nodule = np.zeros(300)
+    nodule[100:108] = 0.98  # a 10 mm nodule seen on 8 consecutive 1 mm slices
+    nodule[100] = 0.7
+    for p, spacing, expected in (
+        (clean, 1.0, False),
+        (nodule, 1.0, True),
+        (clean, 0.625, False),
+        (nodule, 0.625, True),
+    ):
+        prob, present = classify(p, "max_consistent", 0.5, slice_spacing_mm=spacing)
+        assert present is expected, (spacing, prob)
+    # the window is in millimetres: a 2-slice finding on 5 mm slices is kept
+    thick = np.zeros(40)
+    thick[20] = 0.9
+    assert classify(thick, "max_consistent", 0.5, slice_spacing_mm=5.0) == (0.9, True)
+    # without geometry (a single image) it is the maximum
+    assert classify([0.8], "max_consistent", 0.5) == (0.8, True)
+    assert classify(clean, "max_consistent", 0.5, window_mm=0.5, slice_spacing_mm=1.0)[1]

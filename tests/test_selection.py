@@ -69,3 +69,17 @@ def test_rule_fields_each_reject_with_a_reason() -> None:
     assert select_series([replace(CT, description="Abdomen")], desc)[0] is None
     sop = Routing(sop_classes=["1.2.840.10008.5.1.4.1.1.77.1.1"])
     assert select_series([CT], sop)[0] is None
+
+
+def test_colour_models_get_colour_series_and_greyscale_models_the_rest() -> None:
+    anything = Routing(modalities=[], image_types=[], min_slices=1)
+    photo = replace(CT, series_instance_uid="5.1", modality="XC", num_slices=1, is_colour=True)
+    choice, rejected = select_series([CT, photo], anything, colour=True)
+    assert choice is not None and choice.series_instance_uid == "5.1"
+    assert rejected == {CT.series_instance_uid: "greyscale images; the model expects colour"}
+    choice, rejected = select_series([CT, photo], anything, colour=False)
+    assert choice is not None and choice.series_instance_uid == CT.series_instance_uid
+    assert rejected == {"5.1": "colour images; the model expects greyscale"}
+    # without a preference either will do
+    choice, _ = select_series([photo], anything)
+    assert choice is not None

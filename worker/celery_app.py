@@ -16,6 +16,7 @@ from worker.settings import Settings
 INFERENCE_QUEUE = "inference"
 DISPATCH_QUEUE = "dispatch"
 PROCESS_JOB_TASK = "pacs_ai.process_job"
+DISPATCH_TASK = "pacs_ai.dispatch"
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:

@@ -7,6 +7,8 @@ one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime as dt
 import json
 import logging
 import signal
@@ -36,6 +38,22 @@ def _setup(settings: Settings, process_name: str) -> None:
     from worker.logging_setup import configure_logging
 
     configure_logging(settings.log_level, settings.log_format, process_name)
+
+
+def _setup_metrics(settings: Settings, serve: bool = False) -> None:
+    """Multiprocess metrics (before anything records one); with
+    PACS_AI_METRICS_PORT, also this process's own /metrics endpoint."""
+    from worker import metrics
+
+    metrics.setup(settings.metrics_path)
+    if serve and settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            raise CliError(
+                f"cannot serve metrics on port {settings.metrics_port} ({exc.strerror}); "
+                "check PACS_AI_METRICS_PORT"
+            ) from None
 
 
 def _check_schema(settings: Settings) -> None:
@@ -107,11 +125,13 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     from dicomnode.scp import ListenerConfig, StorageSCP
+    from worker import metrics
     from worker.celery_app import create_app
     from worker.scheduler import Scheduler
 
     _setup(settings, "listener")
     _check_schema(settings)
+    _setup_metrics(settings, serve=True)
     scp = StorageSCP(
         ListenerConfig(
             ae_title=settings.ae_title,
@@ -122,7 +142,8 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
             allowed_calling_aets=settings.allowed_aets,
             max_pdu_size=settings.max_pdu_size,
             network_timeout=settings.network_timeout,
-        )
+        ),
+        observer=metrics,
     )
     try:
         scp.start()
@@ -149,6 +170,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     _setup(settings, "worker")
     _check_schema(settings)
+    _setup_metrics(settings, serve=True)
     app = create_app(settings)
     register_tasks(app)
     queues = args.queues or f"{INFERENCE_QUEUE},{DISPATCH_QUEUE}"
@@ -173,10 +195,19 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     """Embedded mode: migrate, then supervise a listener and a worker process."""
+    from worker import metrics
+    from worker.api import check_bind
+
     _setup(settings, "run")
+    check_bind(settings)
     cmd_db_upgrade(settings, args)
+    metrics.clear(settings.metrics_path)  # a fresh start for this node's counters
     base = [sys.executable, "-m", "worker.cli"]
-    specs = {"listener": [*base, "listen"], "worker": [*base, "worker"]}
+    specs = {
+        "listener": [*base, "listen"],
+        "worker": [*base, "worker"],
+        "api": [*base, "api"],
+    }
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stop = threading.Event()
 
@@ -193,10 +224,12 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     for name in specs:
         spawn(name)
     log.info(
-        "pacs-ai running: AE %s on %s:%d, data in %s (Ctrl-C to stop)",
+        "pacs-ai running: AE %s on %s:%d, dashboard on %s:%d, data in %s (Ctrl-C to stop)",
         settings.ae_title,
         settings.host,
         settings.port,
+        settings.api_host,
+        settings.api_port,
         settings.data_path,
     )
     failures: dict[str, list[float]] = {name: [] for name in specs}
@@ -316,6 +349,50 @@ def _parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"{value!r} is not true or false")
 
 
+def _parse_when(value: str) -> dt.datetime:
+    """A date (``2025-03-01``, midnight UTC) or an ISO 8601 date and time (UTC if no zone)."""
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a date (YYYY-MM-DD) or ISO 8601 date and time"
+        ) from None
+    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
+
+
+RESULT_CSV_COLUMNS = (
+    "id",
+    "job_id",
+    "study_instance_uid",
+    "series_instance_uid",
+    "model",
+    "model_version",
+    "kind",
+    "finding",
+    "finding_code_value",
+    "finding_code_scheme",
+    "probability",
+    "present",
+    "measurements",
+    "created_at",
+)
+
+
+def _print_results_csv(rows: list[dict[str, Any]]) -> None:
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(RESULT_CSV_COLUMNS)
+    for row in rows:
+        flat = {
+            **row,
+            "finding_code_value": row["finding_code"]["value"],
+            "finding_code_scheme": row["finding_code"]["scheme"],
+            "present": "" if row["present"] is None else str(row["present"]).lower(),
+            "probability": "" if row["probability"] is None else row["probability"],
+            "measurements": json.dumps(row["measurements"], sort_keys=True),
+        }
+        writer.writerow([flat.get(col, "") for col in RESULT_CSV_COLUMNS])
+
+
 def cmd_results_list(settings: Settings, args: argparse.Namespace) -> int:
     _check_schema(settings)  # one readable line, not a traceback, on a missing schema
     from db.queries import list_results
@@ -328,8 +405,14 @@ def cmd_results_list(settings: Settings, args: argparse.Namespace) -> int:
             model=args.model,
             finding=args.finding,
             present=args.present,
+            since=args.since,
+            until=args.until,
+            min_probability=args.min_probability,
             limit=args.limit,
         )
+    if args.csv:
+        _print_results_csv(rows)
+        return 0
     _print_rows(
         rows,
         args.json,
@@ -344,6 +427,162 @@ def cmd_results_list(settings: Settings, args: argparse.Namespace) -> int:
             "measurements",
         ],
     )
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    """The admin API and dashboard (blocks until SIGINT/SIGTERM)."""
+    from worker.api import check_bind, serve
+
+    _setup(settings, "api")
+    check_bind(settings)
+    _setup_metrics(settings)
+    try:
+        serve(settings)
+    except SystemExit as exc:  # uvicorn exits 1 when it cannot bind
+        if exc.code:
+            raise CliError(
+                f"cannot serve the API on {settings.api_host}:{settings.api_port}; "
+                "check PACS_AI_API_HOST and PACS_AI_API_PORT"
+            ) from None
+    return 0
+
+
+class _Progress:
+    """A progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int, stream: Any = None) -> None:
+        self.total = total
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.finished = 0
+        self.failed = 0
+
+    def update(self, job_id: int, study_uid: str, status: str) -> None:
+        self.finished += 1
+        self.failed += status == "failed"
+        if self.tty:
+            width = 30
+            filled = int(width * self.finished / max(self.total, 1))
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(
+                f"\r[{bar}] {self.finished}/{self.total} finished, {self.failed} failed"
+            )
+            if self.finished == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(
+                f"job {job_id} {status} study={study_uid} ({self.finished}/{self.total})\n"
+            )
+        self.stream.flush()
+
+
+def cmd_reprocess(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue a new job for studies (after a model upgrade, or a failure) and, unless
+    --no-wait, follow them until they finish."""
+    _check_schema(settings)
+    from db.queries import list_jobs, studies_with_results
+    from db.repo import ReprocessRefused, create_reprocess_job
+    from db.session import session_scope
+    from worker.celery_app import create_app
+    from worker.scheduler import send_job
+
+    _setup(settings, "cli")
+    url = settings.effective_database_url
+    if args.model:
+        with session_scope(url) as session:
+            uids = studies_with_results(session, args.model, since=args.since)
+        if not uids:
+            print(f"no study has results of model {args.model}; nothing to reprocess")
+            return 0
+    else:
+        uids = list(dict.fromkeys(args.study))
+    app = create_app(settings)
+    queued: dict[int, str] = {}
+    for uid in uids:
+        try:
+            with session_scope(url) as session:
+                job_id = create_reprocess_job(session, uid).id
+        except LookupError:
+            print(f"skipped study {uid}: not found", file=sys.stderr)
+            continue
+        except ReprocessRefused as exc:
+            print(f"skipped {exc}", file=sys.stderr)
+            continue
+        sent = send_job(app, settings, job_id)  # after commit
+        queued[job_id] = uid
+        note = "" if sent else " (broker unreachable: the reconciler will send it)"
+        print(f"queued job {job_id} for study {uid}{note}")
+    if not queued:
+        return EXIT_FAILURE
+    if args.no_wait:
+        return 0
+    progress = _Progress(len(queued))
+    pending = dict(queued)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while pending:
+        time.sleep(1.0)
+        with session_scope(url) as session:
+            for job_id, uid in list(pending.items()):
+                job = list_jobs(session, study_uid=uid, limit=None)
+                status = next((j["status"] for j in job if j["id"] == job_id), "failed")
+                if status in {"done", "failed"}:
+                    del pending[job_id]
+                    progress.update(job_id, uid, status)
+        if deadline is not None and time.monotonic() > deadline and pending:
+            raise CliError(
+                f"{len(pending)} job(s) still unfinished after {args.timeout:.0f} s "
+                f"({', '.join(str(j) for j in pending)}); they keep running"
+            )
+    print(f"{progress.finished - progress.failed} done, {progress.failed} failed")
+    return EXIT_FAILURE if progress.failed else 0
+
+
+def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:
+    _check_schema(settings)  # one readable line, not a traceback, on a missing schema
+    from db.queries import list_deliveries
+    from db.session import session_scope
+
+    with session_scope(settings.effective_database_url) as session:
+        rows = list_deliveries(
+            session,
+            study_uid=args.study,
+            status=args.status,
+            job_id=args.job,
+            limit=args.limit,
+        )
+    _print_rows(
+        rows,
+        args.json,
+        [
+            "study_instance_uid",
+            "kind",
+            "sop_instance_uid",
+            "destination",
+            "status",
+            "attempts",
+            "sent_at",
+            "last_error",
+        ],
+    )
+    return 0
+
+
+def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
+    """Make the deliveries of a study (or job) pending again and queue them."""
+    _check_schema(settings)
+    from db.repo import reset_deliveries
+    from db.session import session_scope
+    from worker.celery_app import create_app
+    from worker.dispatch import enqueue_deliveries
+
+    with session_scope(settings.effective_database_url) as session:
+        ids = reset_deliveries(session, study_uid=args.study, job_id=args.job)
+    if not ids:
+        raise CliError("no deliveries for this study or job")
+    sent = enqueue_deliveries(settings, ids, create_app(settings))
+    note = "" if sent == len(ids) else " (the broker is unreachable; the listener will queue them)"
+    print(f"{len(ids)} deliveries pending again{note}")
     return 0
 
 
@@ -408,7 +647,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="only this model name")
     r.add_argument("--finding", help="only this finding (code meaning, e.g. 'Lung nodule')")
     r.add_argument("--present", type=_parse_bool, help="true or false")
+    r.add_argument("--min-probability", type=float, help="classification probability at least")
+    r.add_argument("--since", type=_parse_when, help="stored at or after (YYYY-MM-DD or ISO)")
+    r.add_argument("--until", type=_parse_when, help="stored before (YYYY-MM-DD or ISO)")
+    r.add_argument("--csv", action="store_true", help="print CSV (one row per result)")
     r.add_argument("--limit", type=int, default=None)
+
+    add(
+        "api",
+        cmd_api,
+        "serve the admin API and dashboard (PACS_AI_API_HOST:PACS_AI_API_PORT)",
+    )
+    rp = add("reprocess", cmd_reprocess, "run studies again with the current models")
+    which = rp.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--study", action="append", metavar="UID", help="this Study Instance UID (repeatable)"
+    )
+    which.add_argument("--model", help="every study with results of this model")
+    rp.add_argument(
+        "--since", type=_parse_when, help="with --model: studies received at or after this date"
+    )
+    rp.add_argument("--no-wait", action="store_true", help="queue the jobs and return")
+    rp.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+
+    deliveries = sub.add_parser(
+        "deliveries", help="result objects sent to destinations"
+    ).add_subparsers(dest="deliveries_command", required=True, metavar="COMMAND")
+    dl = add("list", cmd_deliveries_list, "list deliveries, newest first", deliveries)
+    dl.add_argument("--json", action="store_true", help="print a JSON array")
+    dl.add_argument("--study", help="only this Study Instance UID")
+    dl.add_argument("--status", choices=["pending", "sent", "failed"])
+    dl.add_argument("--job", type=int, help="only objects built by this job id")
+    dl.add_argument("--limit", type=int, default=None)
+    rs = add("resend", cmd_resend, "send a study's (or job's) result objects again")
+    target = rs.add_mutually_exclusive_group(required=True)
+    target.add_argument("--study", help="Study Instance UID")
+    target.add_argument("--job", type=int, help="job id")
     return parser
 
 

@@ -16,9 +16,11 @@ from typing import Any
 from pydicom import dcmread
 from sqlalchemy import select
 
-from db.models import Instance, JobStatus, Series, Study
+from db.models import Instance, Job, JobStatus, Series, Study, utcnow
 from db.repo import claim_job, finish_job
 from db.session import session_scope
+from worker import metrics
+from worker.logging_setup import log_context
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,36 @@ def run_job(job_id: int, settings: Settings, processor: Processor = check_instan
             return "skipped"
         study_id = job.study_id
         attempt = job.attempts
+        study_uid, first_since, last_instance_at = _study_of(session, job)
+        if job.started_at is not None and attempt == 1:
+            metrics.record_job_started((job.started_at - job.created_at).total_seconds())
+    with log_context(job_id=job_id, study=study_uid):
+        status = _run_claimed(settings, job_id, study_id, attempt, processor)
+    if status == JobStatus.DONE.value and first_since:
+        # end to end, for the study's first job after its last instance only
+        # (a reprocessed study's latency would measure the reprocessing delay)
+        metrics.record_study_latency("results", (utcnow() - last_instance_at).total_seconds())
+    return status
+
+
+def _study_of(session: Any, job: Job) -> tuple[str, bool, Any]:
+    """The job's Study Instance UID; whether it is the first job created since the
+    study's last instance; that instance's time."""
+    uid, last_at = session.execute(
+        select(Study.study_instance_uid, Study.last_instance_at).where(Study.id == job.study_id)
+    ).one()
+    earlier = session.scalar(
+        select(Job.id)
+        .where(Job.study_id == job.study_id, Job.id < job.id, Job.created_at >= last_at)
+        .limit(1)
+    )
+    return str(uid), earlier is None and job.created_at >= last_at, last_at
+
+
+def _run_claimed(
+    settings: Settings, job_id: int, study_id: int, attempt: int, processor: Processor
+) -> str:
+    url = settings.effective_database_url
     t0 = time.monotonic()
     log.info("job %d started (attempt %d)", job_id, attempt)
     try:
@@ -123,6 +155,7 @@ def run_job(job_id: int, settings: Settings, processor: Processor = check_instan
         summary = processor(ctx, settings)
     except JobError as exc:
         _finish(url, job_id, JobStatus.FAILED, error=str(exc), summary=exc.summary)
+        metrics.record_job_finished(JobStatus.FAILED.value, time.monotonic() - t0)
         log.warning("job %d failed: %s", job_id, exc)
         return JobStatus.FAILED.value
     except Exception as exc:
@@ -132,10 +165,12 @@ def run_job(job_id: int, settings: Settings, processor: Processor = check_instan
         if _is_timeout(exc):
             message = f"timed out after {settings.task_soft_time_limit:.0f} s"
         _finish(url, job_id, JobStatus.FAILED, error=message)
+        metrics.record_job_finished(JobStatus.FAILED.value, time.monotonic() - t0)
         log.exception("job %d failed: %s", job_id, message)
         return JobStatus.FAILED.value
     summary["seconds"] = round(time.monotonic() - t0, 3)
     _finish(url, job_id, JobStatus.DONE, summary=summary)
+    metrics.record_job_finished(JobStatus.DONE.value, time.monotonic() - t0)
     log.info(
         "job %d done study=%s: %d series, %d instances in %.2f s",
         job_id,

@@ -9,9 +9,28 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 _TEXT = "%(asctime)s %(levelname)s %(process_name)s[%(process)d] %(name)s: %(message)s"
+
+
+_context: ContextVar[dict[str, Any] | None] = ContextVar("pacs_ai_log_context", default=None)
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add ids to every log line written inside the block (``job_id=7, study=UID``).
+
+    Only ids and UIDs: never patient data.
+    """
+    token = _context.set({**(_context.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
 
 
 class _ProcessName(logging.Filter):
@@ -21,7 +40,21 @@ class _ProcessName(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.process_name = self.process_name
+        record.context = _context.get()
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """The human-readable line, with the context ids appended in brackets."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = getattr(record, "context", None)
+        if context:
+            ids = " ".join(f"{key}={value}" for key, value in context.items())
+            first, sep, rest = line.partition("\n")
+            line = f"{first} [{ids}]{sep}{rest}"
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,6 +67,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        context = getattr(record, "context", None)
+        if context:
+            payload.update({k: v for k, v in context.items() if k not in payload})
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False)
@@ -42,7 +78,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str, fmt: str, process_name: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ProcessName(process_name))
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(_TEXT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

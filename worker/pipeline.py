@@ -19,7 +19,7 @@ from pydicom import dcmread
 
 from db.repo import replace_results
 from db.session import session_scope
-from worker import postprocess, recipe
+from worker import metrics, postprocess, recipe
 from worker.inference import (
     Deadline,
     ModelRunError,
@@ -31,6 +31,7 @@ from worker.inference import (
 )
 from worker.jobs import InstanceRef, JobError, StudyContext
 from worker.registry import Manifest, RegisteredModel, discover
+from worker.reporting import ModelResult, build_result_objects
 from worker.selection import SeriesCandidate, select_series
 from worker.settings import Settings
 from worker.volume import (
@@ -87,6 +88,7 @@ def _candidate(series_uid: str, refs: list[InstanceRef]) -> SeriesCandidate:
         is_axial=axial,
         has_pixels=info.rows > 0,
         produced_by_us=info.produced_by_us,
+        is_colour=info.photometric.upper() not in ("MONOCHROME1", "MONOCHROME2", ""),
     )
 
 
@@ -108,12 +110,33 @@ def _pixel_batches(
         yield part, arr, boxes
 
 
+@dataclass
+class ModelRun:
+    """What one model produced on one series."""
+
+    rows: list[dict[str, Any]]
+    timings: dict[str, float]
+    #: segmentation: uint8 label volume (slices in ``volume`` order); else None
+    labels: np.ndarray | None
+
+
 def run_model(
     model: RegisteredModel,
     volume: Volume,
     features: dict[str, float | None],
     settings: Settings,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Result rows and timings of one model on one series."""
+    run = run_model_full(model, volume, features, settings)
+    return run.rows, run.timings
+
+
+def run_model_full(
+    model: RegisteredModel,
+    volume: Volume,
+    features: dict[str, float | None],
+    settings: Settings,
+) -> ModelRun:
     manifest = model.manifest
     assert manifest is not None
     session = sessions(settings).get(model)
@@ -143,7 +166,11 @@ def run_model(
         for index, label in enumerate(manifest.labels):
             column = per_slice[:, min(index, per_slice.shape[1] - 1)]
             probability, present = postprocess.classify(
-                column, manifest.aggregation, label.threshold
+                column,
+                manifest.aggregation,
+                label.threshold,
+                slice_spacing_mm=float(volume.spacing[0]) if volume.positions_known else None,
+                window_mm=manifest.aggregation_window_mm,
             )
             top = int(np.argmax(column))
             out_rows.append(
@@ -164,9 +191,14 @@ def run_model(
                 }
             )
         timings["postprocess_s"] += time.monotonic() - t
-        return out_rows, timings
-    # segmentation
+        return ModelRun(out_rows, timings, None)
+    # segmentation: argmax labels on the original grid, plus (for
+    # volume_method "probability") each label's probability stored as uint8
+    # so that a 500-slice 512x512 series stays within a few hundred MB
+    soft = manifest.volume_method == "probability"
+    n_labels = max((label.value for label in manifest.labels), default=0)
     labels = np.zeros((n, rows, cols), dtype=np.uint8)
+    soft_probs = np.zeros((n_labels, n, rows, cols), dtype=np.uint8) if soft else None
     t = time.monotonic()
     for part, arr, boxes in _pixel_batches(volume, manifest):
         timings["preprocess_s"] += time.monotonic() - t
@@ -174,15 +206,32 @@ def run_model(
         (out,) = run_batches(session, manifest, iter([arr]), extra, deadline)
         timings["inference_s"] += time.monotonic() - t
         t = time.monotonic()
-        restored = recipe.restore_slices(out, boxes, (rows, cols))
+        if manifest.segmentation_output == "logits":
+            out = _softmax(out)
+        fill = [1.0] + [0.0] * (out.shape[1] - 1)
+        restored = recipe.restore_slices(out, boxes, (rows, cols), fill=fill)
         labels[part] = np.argmax(restored, axis=1).astype(np.uint8)
+        if soft_probs is not None:
+            for value in range(1, min(n_labels, restored.shape[1] - 1) + 1):
+                np.rint(restored[:, value] * 255.0, out=restored[:, value])
+                soft_probs[value - 1, part] = restored[:, value]
+        del restored
         timings["postprocess_s"] += time.monotonic() - t
         t = time.monotonic()
     t = time.monotonic()
     out_rows = []
     for label in manifest.labels:
-        volume_ml = postprocess.label_volume_ml(labels, label.value, volume.spacing)
-        measurements: dict[str, Any] = {"volume_ml": round(float(volume_ml), 3)}
+        mask = labels == label.value
+        if soft_probs is not None:
+            volume_ml = postprocess.soft_volume_ml(
+                soft_probs[label.value - 1], mask, volume.spacing, scale=255.0
+            )
+        else:
+            volume_ml = postprocess.label_volume_ml(labels, label.value, volume.spacing)
+        measurements: dict[str, Any] = {
+            "volume_ml": round(float(volume_ml), 3),
+            "volume_method": manifest.volume_method,
+        }
         if label.focal:
             comps = postprocess.components(
                 labels,
@@ -193,25 +242,102 @@ def run_model(
                 col_dir=volume.col_dir,
                 normal=volume.normal,
             )
-            measurements["count"] = len(comps)
-            measurements["components"] = [_component_dict(c) for c in comps[:20]]
-            if comps:
-                largest = max(comps, key=lambda c: c.volume_ml)
-                measurements["largest_diameter_mm"] = round(float(largest.max_diameter_mm), 2)
-                if largest.centroid_mm is not None:
-                    measurements["centroid_mm"] = [round(float(v), 2) for v in largest.centroid_mm]
+            kept: list[dict[str, Any]] = []
+            discarded = 0
+            for comp in comps[:_MAX_COMPONENTS]:
+                item = _component_dict(comp)
+                if soft_probs is not None:
+                    item["volume_ml"] = round(
+                        _component_soft_volume(soft_probs[label.value - 1], labels, comp, volume), 3
+                    )
+                if _reportable(item, label):
+                    kept.append(item)
+                else:
+                    _erase_component(labels, comp)
+                    discarded += 1
+            for comp in comps[_MAX_COMPONENTS:]:  # the smallest: never reported
+                _erase_component(labels, comp)
+                discarded += 1
+            if discarded:
+                mask = labels == label.value
+                volume_ml = sum(c["volume_ml"] for c in kept)
+                measurements["volume_ml"] = round(float(volume_ml), 3)
+                measurements["discarded_components"] = discarded
+            measurements["count"] = len(kept)
+            measurements["components"] = kept[:20]
+            if kept:
+                largest = max(kept, key=lambda c: c["volume_ml"])
+                measurements["largest_diameter_mm"] = largest["max_diameter_mm"]
+                if largest["centroid_mm"] is not None:
+                    measurements["centroid_mm"] = largest["centroid_mm"]
         out_rows.append(
             {
                 **base,
                 **_code(label.code),
                 "label_value": label.value,
                 "probability": None,
-                "present": bool(volume_ml > 0),
+                "present": bool(mask.any()),
                 "measurements": measurements,
             }
         )
     timings["postprocess_s"] += time.monotonic() - t
-    return out_rows, timings
+    return ModelRun(out_rows, timings, labels)
+
+
+#: focal components measured per label (largest first); smaller ones are dropped
+_MAX_COMPONENTS = 200
+
+
+def _reportable(component: dict[str, Any], label: Any) -> bool:
+    """A focal component passes the label's size and compactness filters."""
+    volume_ml = float(component["volume_ml"])
+    if volume_ml < label.min_volume_ml:
+        return False
+    if label.min_compactness > 0:
+        d = float(component["max_diameter_mm"])
+        sphere_ml = np.pi * d**3 / 6.0 / 1000.0
+        if sphere_ml > 0 and volume_ml / sphere_ml < label.min_compactness:
+            return False
+    return True
+
+
+def _erase_component(labels: np.ndarray, comp: Any) -> None:
+    """Set one component of ``labels`` to background (within its bounding box,
+    the largest connected piece of its label: the component itself)."""
+    from scipy import ndimage
+
+    z0, y0, x0, z1, y1, x1 = comp.bbox
+    sub = labels[z0:z1, y0:y1, x0:x1]
+    pieces, count = ndimage.label(sub == comp.label, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return
+    biggest = int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
+    sub[pieces == biggest] = 0
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float32, copy=True)
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def _component_soft_volume(
+    prob: np.ndarray, labels: np.ndarray, comp: Any, volume: Volume
+) -> float:
+    """Soft volume of one component: probability over its bounding box grown
+    by one voxel, restricted to the component's label grown by one voxel."""
+    z0, y0, x0, z1, y1, x1 = comp.bbox
+    n, rows, cols = labels.shape
+    sl = (
+        slice(max(z0 - 1, 0), min(z1 + 1, n)),
+        slice(max(y0 - 1, 0), min(y1 + 1, rows)),
+        slice(max(x0 - 1, 0), min(x1 + 1, cols)),
+    )
+    return postprocess.soft_volume_ml(
+        prob[sl], labels[sl] == comp.label, volume.spacing, scale=255.0
+    )
 
 
 def _code(code: Any) -> dict[str, str]:
@@ -245,15 +371,19 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
         candidates = [_candidate(uid, refs) for uid, refs in by_series.items()]
     except FileNotFoundError:
         raise JobError("an instance of the study is missing from storage") from None
+    except VolumeError as exc:
+        raise JobError(f"cannot read the study's headers: {exc}") from None
     registry = discover(settings.models_path)
     models = [m for m in registry if m.enabled]
     volumes: dict[str, Volume | VolumeError] = {}
     features: dict[str, dict[str, float | None]] = {}
     outcomes: list[ModelOutcome] = []
+    reportable: list[ModelResult] = []  # for the SR/SEG (worker/reporting.py)
     decode_s = 0.0
     for model in models:
         assert model.manifest is not None
-        choice, rejected = select_series(candidates, model.manifest.routing)
+        colour = model.manifest.preprocessing.get("mode") == "rgb_image"
+        choice, rejected = select_series(candidates, model.manifest.routing, colour)
         if choice is None:
             reason = "; ".join(sorted(set(rejected.values()))) or "no series"
             outcomes.append(ModelOutcome(model.name, None, [], {}, skipped=reason))
@@ -273,14 +403,19 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
             outcomes.append(ModelOutcome(model.name, uid, [], {}, error=f"series {uid}: {volume}"))
             continue
         try:
-            rows, timings = run_model(model, volume, features[uid], settings)
+            run = run_model_full(model, volume, features[uid], settings)
         except ModelRunError as exc:
             outcomes.append(ModelOutcome(model.name, uid, [], {}, error=str(exc)))
             continue
+        rows, timings = run.rows, run.timings
         for row in rows:
             row["series_instance_uid"] = uid
             row["timings"] = {k: round(v, 3) for k, v in timings.items()}
         outcomes.append(ModelOutcome(model.name, uid, rows, timings))
+        reportable.append(ModelResult(model.manifest, uid, volume, rows, run.labels))
+        metrics.record_model_timings(model.name, timings)
+    if volumes:
+        metrics.record_decode(decode_s)
     study_id = ctx.study_id
     with session_scope(settings.effective_database_url) as session:
         for outcome in outcomes:
@@ -307,7 +442,8 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
     errors = [o.error for o in outcomes if o.error]
     if errors:
         raise JobError("; ".join(errors), summary)
+    summary["result_objects"] = build_result_objects(ctx, reportable, settings)
     return summary
 
 
-__all__ = ["process_study", "run_model"]
+__all__ = ["ModelRun", "process_study", "run_model", "run_model_full"]

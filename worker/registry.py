@@ -40,6 +40,12 @@ class Label(BaseModel):
     finding_site: Code | None = None
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     focal: bool = False
+    #: focal labels: components smaller than this (ml) are not reported
+    min_volume_ml: float = Field(default=0.0, ge=0.0)
+    #: focal labels: components less compact than this are not reported;
+    #: compactness = volume / volume of the sphere of the component's largest
+    #: diameter (1 for a ball, near 0 for a vessel-like tube)
+    min_compactness: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class InputSpec(BaseModel):
@@ -93,7 +99,16 @@ class Manifest(BaseModel):
     model_card: str = ""
     inputs: list[InputSpec] = Field(min_length=1)
     preprocessing: dict[str, Any]
-    aggregation: Literal["max", "mean", "top3_mean"] = "max"
+    aggregation: Literal["max", "mean", "top3_mean", "max_consistent"] = "max"
+    #: classification, ``max_consistent``: the z window (mm) a finding must fill
+    aggregation_window_mm: float = Field(default=3.0, gt=0.0, le=50.0)
+    #: segmentation: how volumes are measured. "voxels" counts argmax voxels;
+    #: "probability" sums the softmax probability over each structure grown by
+    #: one voxel (partial-volume corrected; for models trained on occupancy).
+    volume_method: Literal["voxels", "probability"] = "voxels"
+    #: segmentation: whether the model outputs logits (softmax applied here) or
+    #: probabilities.
+    segmentation_output: Literal["logits", "probabilities"] = "logits"
     labels: list[Label] = Field(min_length=1)
     routing: Routing
     time_limit_seconds: float | None = Field(default=None, gt=0)

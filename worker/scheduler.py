@@ -20,6 +20,7 @@ from db.repo import create_job_if_stable, mark_enqueued, requeue_job
 from db.session import session_scope
 from dicomnode.assembly import StudyState, is_complete
 from worker.celery_app import INFERENCE_QUEUE, PROCESS_JOB_TASK
+from worker.dispatch import dispatch_due_once
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class Scheduler(threading.Thread):
                     reconcile_once(self.settings, self.app)
                     next_reconcile = time.monotonic() + self.settings.reconcile_interval
                 assemble_once(self.settings, self.app)
+                dispatch_due_once(self.settings, self.app)
             except Exception as exc:  # database briefly down: try again next tick
                 log.warning("scheduler tick failed (%s)", type(exc).__name__)
             self._stop_event.wait(self.settings.assembler_interval)

@@ -29,6 +29,7 @@ class SeriesCandidate:
     is_axial: bool
     has_pixels: bool
     produced_by_us: bool
+    is_colour: bool = False
 
 
 def skip_reason(series: SeriesCandidate) -> str | None:
@@ -45,11 +46,21 @@ def skip_reason(series: SeriesCandidate) -> str | None:
     return None
 
 
-def matches(series: SeriesCandidate, rule: Routing) -> str | None:
-    """None when ``series`` satisfies ``rule``; otherwise the first reason why not."""
+def matches(series: SeriesCandidate, rule: Routing, colour: bool | None = None) -> str | None:
+    """None when ``series`` satisfies ``rule``; otherwise the first reason why not.
+
+    ``colour``: True for a model that reads RGB images, False for one that
+    reads greyscale slices, None when either will do.
+    """
     reason = skip_reason(series)
     if reason:
         return reason
+    if colour is not None and series.is_colour != colour:
+        return (
+            "greyscale images; the model expects colour"
+            if colour
+            else "colour images; the model expects greyscale"
+        )
     if rule.modalities and series.modality.upper() not in {m.upper() for m in rule.modalities}:
         return f"modality {series.modality or '-'} not in {rule.modalities}"
     if rule.sop_classes and series.sop_class_uid not in rule.sop_classes:
@@ -68,7 +79,7 @@ def matches(series: SeriesCandidate, rule: Routing) -> str | None:
 
 
 def select_series(
-    candidates: Sequence[SeriesCandidate], rule: Routing
+    candidates: Sequence[SeriesCandidate], rule: Routing, colour: bool | None = None
 ) -> tuple[SeriesCandidate | None, dict[str, str]]:
     """Pick the best matching series: original/primary, axial, most slices.
 
@@ -77,7 +88,7 @@ def select_series(
     rejected: dict[str, str] = {}
     eligible = []
     for cand in candidates:
-        reason = matches(cand, rule)
+        reason = matches(cand, rule, colour)
         if reason is None:
             eligible.append(cand)
         else:

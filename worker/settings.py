@@ -10,10 +10,13 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from dicomnode.destinations import Destination
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
@@ -70,6 +73,26 @@ class Settings(BaseSettings):
     model_time_limit: float = Field(default=600.0, gt=0)
     log_level: str = "INFO"
     log_format: str = "text"
+    # results returned to the PACS (dicomnode/results.py, worker/dispatch.py)
+    uid_root: str = "2.25"
+    destinations: str = ""
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    delivery_max_attempts: int = Field(default=12, ge=1, le=1000)
+    delivery_retry_base: float = Field(default=30.0, gt=0)
+    delivery_retry_max: float = Field(default=3600.0, gt=0)
+    dispatch_timeout: float = Field(default=60.0, gt=0)
+    # admin API and dashboard (worker/api.py)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    api_token: str = ""
+    api_read_tokens: str = ""
+    api_tls_cert: Path | None = None
+    api_tls_key: Path | None = None
+    # Prometheus multiprocess files (worker/metrics.py); optional per-process endpoint
+    metrics_dir: Path | None = None
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @field_validator("ae_title")
     @classmethod
@@ -81,6 +104,27 @@ class Settings(BaseSettings):
     def _allowed(cls, value: str) -> str:
         for item in _split(value):
             _check_ae_title(item, "PACS_AI_ALLOWED_CALLING_AETS entry")
+        return value
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str) -> str:
+        from dicomnode.uids import check_uid_root
+
+        try:
+            return check_uid_root(value)
+        except ValueError as exc:
+            raise ValueError(f"PACS_AI_UID_ROOT: {exc}") from None
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, value: str) -> str:
+        from dicomnode.destinations import parse_destinations
+
+        try:
+            parse_destinations(value)
+        except ValueError as exc:
+            raise ValueError(f"PACS_AI_DESTINATIONS: {exc}") from None
         return value
 
     @field_validator("log_level")
@@ -119,12 +163,25 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("api_token", "api_read_tokens")
+    @classmethod
+    def _tokens(cls, value: str, info: ValidationInfo) -> str:
+        name = f"PACS_AI_{str(info.field_name).upper()}"
+        for item in _split(value):
+            check_token_entry(item, name)
+        return value
+
     @model_validator(mode="after")
     def _limits(self) -> Settings:
         if self.task_time_limit <= self.task_soft_time_limit:
             raise ValueError(
                 "PACS_AI_TASK_TIME_LIMIT must be greater than PACS_AI_TASK_SOFT_TIME_LIMIT"
             )
+        if (self.api_tls_cert is None) != (self.api_tls_key is None):
+            raise ValueError("PACS_AI_API_TLS_CERT and PACS_AI_API_TLS_KEY must be set together")
+        for path, var in ((self.api_tls_cert, "CERT"), (self.api_tls_key, "KEY")):
+            if path is not None and not path.expanduser().is_file():
+                raise ValueError(f"PACS_AI_API_TLS_{var}: no such file {str(path)!r}")
         return self
 
     # -- derived values ---------------------------------------------------
@@ -170,8 +227,52 @@ class Settings(BaseSettings):
         return tuple(aliases.get(p.lower(), p) for p in _split(self.ort_providers))
 
     @property
+    def destination_list(self) -> tuple[Destination, ...]:
+        from dicomnode.destinations import parse_destinations
+
+        return parse_destinations(self.destinations)
+
+    @property
+    def outbox_path(self) -> Path:
+        """Built result objects waiting for delivery (in the shared storage)."""
+        return self.storage_path / ".outbox"
+
+    @property
     def allowed_aets(self) -> frozenset[str]:
         return frozenset(_split(self.allowed_calling_aets))
+
+    @property
+    def metrics_path(self) -> Path:
+        base = self.metrics_dir if self.metrics_dir is not None else self.data_path / "metrics"
+        return base.expanduser().resolve()
+
+    @property
+    def api_admin_token_list(self) -> tuple[str, ...]:
+        return tuple(_split(self.api_token))
+
+    @property
+    def api_read_token_list(self) -> tuple[str, ...]:
+        return tuple(_split(self.api_read_tokens))
+
+    @property
+    def api_auth_enabled(self) -> bool:
+        return bool(self.api_admin_token_list or self.api_read_token_list)
+
+
+#: a stored token: the plain token (16+ characters) or ``sha256:<64 hex digits>``
+_HASHED_TOKEN = re.compile(r"^sha256:[0-9a-f]{64}$")
+MIN_TOKEN_LENGTH = 16
+
+
+def check_token_entry(item: str, name: str) -> None:
+    if item.startswith("sha256:"):
+        if not _HASHED_TOKEN.match(item):
+            raise ValueError(f"{name}: a hashed token is 'sha256:' and 64 lowercase hex digits")
+    elif len(item) < MIN_TOKEN_LENGTH or any(c.isspace() for c in item):
+        raise ValueError(
+            f"{name}: a token must be at least {MIN_TOKEN_LENGTH} characters without spaces "
+            "(or 'sha256:<hex digest>')"
+        )
 
 
 def _split(value: str) -> list[str]:

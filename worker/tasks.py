@@ -8,7 +8,8 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_ready
 
-from worker.celery_app import PROCESS_JOB_TASK
+from worker.celery_app import DISPATCH_TASK, PROCESS_JOB_TASK
+from worker.dispatch import dispatch_deliveries, use_app
 from worker.jobs import run_job
 from worker.pipeline import process_study
 from worker.settings import Settings
@@ -27,11 +28,24 @@ def register_tasks(app: Celery) -> None:
             log.warning("job %s hit a transient error (%s); retrying", job_id, type(exc).__name__)
             raise self.retry(countdown=min(60, 5 * (self.request.retries + 1))) from None
 
+    use_app(settings, app)
+
+    @app.task(name=DISPATCH_TASK, bind=True, max_retries=None)
+    def dispatch(self: Task, delivery_ids: list[int]) -> dict[str, int]:
+        """One attempt per delivery; back-off and retries are kept in the database."""
+        try:
+            return dispatch_deliveries([int(i) for i in delivery_ids], settings)
+        except Exception as exc:  # database briefly down: the scheduler re-sends
+            log.warning("dispatch hit an error (%s); deliveries stay pending", type(exc).__name__)
+            return {}
+
     @worker_ready.connect(weak=False)
     def _reconcile_at_start(**_: Any) -> None:
+        from worker.dispatch import dispatch_due_once
         from worker.scheduler import reconcile_once
 
         try:
             reconcile_once(settings, app)
+            dispatch_due_once(settings, app)
         except Exception as exc:  # never stop the worker for this
             log.warning("start-up reconcile failed (%s)", type(exc).__name__)

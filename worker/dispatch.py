@@ -1,0 +1,237 @@
+"""Delivering result objects: the dispatch task's work and its scheduling.
+
+The database drives delivery. A delivery row is ``pending`` until an attempt
+succeeds (``sent``) or fails permanently or exhausts
+``PACS_AI_DELIVERY_MAX_ATTEMPTS`` (``failed``). After a transient failure its
+next attempt is due after an exponential back-off
+(``PACS_AI_DELIVERY_RETRY_BASE`` * 2^(attempts-1), at most
+``PACS_AI_DELIVERY_RETRY_MAX`` seconds); the scheduler in the listener sends
+due deliveries to the ``dispatch`` queue, so nothing is lost when the PACS, the
+broker or a worker is down. An attempt claims its row with a lease, so two
+messages for the same row never send it twice at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from db.models import DeliveryStatus, utcnow
+from db.repo import claim_delivery, due_deliveries, finish_delivery, mark_deliveries_enqueued
+from db.session import session_scope
+from dicomnode.destinations import Destination
+from dicomnode.scu import SendResult, store_files, tls_context
+from worker import metrics
+from worker.celery_app import DISPATCH_QUEUE, DISPATCH_TASK
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_apps: dict[int, Celery] = {}
+
+
+def use_app(settings: Settings, app: Celery) -> None:
+    """Send with ``app`` (the worker's own) for these settings."""
+    _apps[id(settings)] = app
+
+
+def _app(settings: Settings) -> Celery:
+    """A Celery app for sending (one per settings object and process)."""
+    key = id(settings)
+    app = _apps.get(key)
+    if app is None:
+        from worker.celery_app import create_app
+
+        app = _apps[key] = create_app(settings)
+    return app
+
+
+def backoff_seconds(attempts: int, settings: Settings) -> float:
+    """Delay before the next attempt after ``attempts`` failed ones."""
+    return float(
+        min(settings.delivery_retry_max, settings.delivery_retry_base * 2 ** max(0, attempts - 1))
+    )
+
+
+def enqueue_deliveries(settings: Settings, ids: list[int], app: Celery | None = None) -> int:
+    """Send delivery ids to the dispatch queue, one message per destination.
+
+    Returns how many ids were sent; those not sent stay due for the scheduler."""
+    if not ids:
+        return 0
+    with session_scope(settings.effective_database_url) as session:
+        from sqlalchemy import select
+
+        from db.models import Delivery
+
+        rows = session.execute(
+            select(Delivery.id, Delivery.destination).where(Delivery.id.in_(ids))
+        ).all()
+    by_dest: dict[str, list[int]] = defaultdict(list)
+    for delivery_id, destination in rows:
+        by_dest[str(destination)].append(int(delivery_id))
+    return _send(settings, app or _app(settings), by_dest)
+
+
+def _send(settings: Settings, app: Celery, by_dest: dict[str, list[int]]) -> int:
+    sent = 0
+    for destination, group in by_dest.items():
+        try:
+            app.send_task(DISPATCH_TASK, args=[group], queue=DISPATCH_QUEUE)
+        except Exception as exc:
+            log.warning(
+                "deliveries to %s could not be sent to the broker (%s); will retry",
+                destination,
+                type(exc).__name__,
+            )
+            continue
+        with session_scope(settings.effective_database_url) as session:
+            mark_deliveries_enqueued(session, group)
+        sent += len(group)
+    return sent
+
+
+def dispatch_due_once(settings: Settings, app: Celery, now: dt.datetime | None = None) -> int:
+    """Send every due pending delivery that has no live message (the scheduler)."""
+    now = now or utcnow()
+    resend_before = now - dt.timedelta(seconds=settings.requeue_after_seconds)
+    with session_scope(settings.effective_database_url) as session:
+        due = due_deliveries(session, now, resend_before)
+    if not due:
+        return 0
+    by_dest: dict[str, list[int]] = defaultdict(list)
+    for delivery_id, destination in due:
+        by_dest[destination].append(delivery_id)
+    return _send(settings, app, by_dest)
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    id: int
+    destination: str
+    rel_path: str
+    sop_instance_uid: str
+    attempts: int
+
+
+def dispatch_deliveries(ids: list[int], settings: Settings) -> dict[str, int]:
+    """One attempt for each due pending delivery in ``ids``; returns counts by outcome."""
+    url = settings.effective_database_url
+    lease = settings.dispatch_timeout * (len(ids) + 2)
+    claimed: list[_Claimed] = []
+    with session_scope(url) as session:
+        for delivery_id in ids:
+            row = claim_delivery(session, int(delivery_id), lease)
+            if row is not None:
+                claimed.append(
+                    _Claimed(
+                        row.id, row.destination, row.rel_path, row.sop_instance_uid, row.attempts
+                    )
+                )
+    counts = {"sent": 0, "retry": 0, "failed": 0, "skipped": len(ids) - len(claimed)}
+    destinations = {d.name: d for d in settings.destination_list}
+    by_dest: dict[str, list[_Claimed]] = defaultdict(list)
+    for item in claimed:
+        by_dest[item.destination].append(item)
+    for name, items in by_dest.items():
+        dest = destinations.get(name)
+        started = time.monotonic()
+        if dest is None:
+            results = [
+                SendResult("permanent", f"destination {name} is no longer configured")
+            ] * len(items)
+        else:
+            results = _store(dest, items, settings)
+        per_item = (time.monotonic() - started) / len(items)
+        with session_scope(url) as session:
+            sent_ids = []
+            for item, result in zip(items, results, strict=True):
+                outcome = _record(session, item, result, settings)
+                counts[outcome] += 1
+                metrics.record_dispatch(outcome, per_item)
+                if outcome == "sent":
+                    sent_ids.append(item.id)
+            if sent_ids and metrics.enabled():
+                _record_delivered_latency(session, sent_ids)
+    if claimed:
+        log.info(
+            "dispatch: %d sent, %d to retry, %d failed, %d skipped",
+            counts["sent"],
+            counts["retry"],
+            counts["failed"],
+            counts["skipped"],
+        )
+    return counts
+
+
+def _record_delivered_latency(session: Any, delivery_ids: list[int]) -> None:
+    """End to end, last received instance -> results at this destination: once per
+    job and destination batch, for the study's first job after its last instance
+    (not for a reprocessed study)."""
+    from sqlalchemy import func, select
+
+    from db.models import Delivery, Job, Study
+
+    now = utcnow()
+    rows = session.execute(
+        select(Delivery.study_id, Delivery.job_id, Study.last_instance_at)
+        .join(Study, Study.id == Delivery.study_id)
+        .where(Delivery.id.in_(delivery_ids), Delivery.job_id.is_not(None))
+        .distinct()
+    ).all()
+    for study_id, job_id, last_at in rows:
+        first = session.scalar(
+            select(func.min(Job.id)).where(Job.study_id == study_id, Job.created_at >= last_at)
+        )
+        if first == job_id:
+            metrics.record_study_latency("delivered", (now - last_at).total_seconds())
+
+
+def _store(dest: Destination, items: list[_Claimed], settings: Settings) -> list[SendResult]:
+    try:
+        ssl_context = (
+            tls_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+            if dest.tls
+            else None
+        )
+    except (OSError, ValueError) as exc:
+        return [SendResult("transient", f"TLS set-up failed ({type(exc).__name__})")] * len(items)
+    paths = [settings.outbox_path / item.rel_path for item in items]
+    return store_files(dest, paths, settings.ae_title, settings.dispatch_timeout, ssl_context)
+
+
+def _record(session: Any, item: _Claimed, result: SendResult, settings: Settings) -> str:
+    if result.outcome == "sent":
+        finish_delivery(session, item.id, DeliveryStatus.SENT)
+        log.info("delivery %d sop=%s sent to %s", item.id, item.sop_instance_uid, item.destination)
+        return "sent"
+    if result.outcome == "transient" and item.attempts < settings.delivery_max_attempts:
+        delay = backoff_seconds(item.attempts, settings)
+        finish_delivery(
+            session,
+            item.id,
+            DeliveryStatus.PENDING,
+            error=result.message,
+            retry_at=utcnow() + dt.timedelta(seconds=delay),
+        )
+        log.warning(
+            "delivery %d to %s: %s; attempt %d, next in %.0f s",
+            item.id,
+            item.destination,
+            result.message,
+            item.attempts,
+            delay,
+        )
+        return "retry"
+    error = result.message
+    if result.outcome == "transient":
+        error = f"{error} (gave up after {item.attempts} attempts)"
+    finish_delivery(session, item.id, DeliveryStatus.FAILED, error=error)
+    log.warning("delivery %d to %s failed: %s", item.id, item.destination, error)
+    return "failed"

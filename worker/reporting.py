@@ -1,0 +1,286 @@
+"""From a job's model runs to DICOM result objects waiting for delivery.
+
+Called by the pipeline after the job's result rows are committed: builds the SR,
+one SEG per segmentation model and (when a destination's profile asks for it)
+a key image (:mod:`dicomnode.results`), writes them durably into the outbox
+(``<storage>/.outbox``, shared by every worker), records one delivery row per
+object and destination, and after commit sends the delivery ids to the
+``dispatch`` queue. Running it twice gives the same objects, UIDs and rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from db.repo import DeliveryRecord, upsert_delivery
+from db.session import session_scope
+from dicomnode.results import (
+    BuiltObject,
+    CodeSpec,
+    Finding,
+    ModelSpec,
+    ResultBuildError,
+    SegInput,
+    SegmentSpec,
+    best_slice,
+    build_key_image,
+    build_seg,
+    build_sr,
+)
+from dicomnode.uids import uid_digest, validate_uid
+from worker.jobs import JobError, StudyContext
+from worker.registry import Code, Manifest
+from worker.settings import Settings
+from worker.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelResult:
+    """What one model produced on one series, as the reporting step needs it."""
+
+    manifest: Manifest
+    series_instance_uid: str
+    volume: Volume
+    rows: list[dict[str, Any]]
+    labels: np.ndarray | None  # segmentation label volume, slices in volume order
+
+
+def _spec(code: Code | None) -> CodeSpec | None:
+    return CodeSpec(code.value, code.scheme, code.meaning) if code is not None else None
+
+
+def _model_spec(manifest: Manifest) -> ModelSpec:
+    return ModelSpec(manifest.name, manifest.version, manifest.sha256)
+
+
+def findings_of(result: ModelResult) -> list[Finding]:
+    """The SR findings of one model's result rows."""
+    manifest = result.manifest
+    labels = {label.value: label for label in manifest.labels}
+    model = _model_spec(manifest)
+    out = []
+    for row in result.rows:
+        label = labels.get(int(row.get("label_value") or 0))
+        code = CodeSpec(row["finding_code_value"], row["finding_code_scheme"], row["finding"])
+        m = row.get("measurements") or {}
+        out.append(
+            Finding(
+                model=model,
+                kind=manifest.task,
+                code=code,
+                present=bool(row.get("present")),
+                probability=row.get("probability"),
+                category=_spec(label.category) if label else None,
+                finding_site=_spec(label.finding_site) if label else None,
+                label_value=row.get("label_value"),
+                volume_ml=m.get("volume_ml") if manifest.task == "segmentation" else None,
+                longest_diameter_mm=m.get("largest_diameter_mm"),
+                focal=bool(label.focal) if label else False,
+                key_sop_instance_uid=m.get("max_slice_sop_instance_uid"),
+            )
+        )
+    return out
+
+
+def _headers(ctx: StudyContext, sop_uids: Sequence[str]) -> list[Dataset]:
+    paths = {ref.sop_instance_uid: ref.path for ref in ctx.instances}
+    cache: dict[str, Dataset] = {}
+    out = []
+    for uid in sop_uids:
+        if uid not in cache:
+            path = paths.get(uid)
+            if path is None:
+                raise JobError(f"instance sop={uid} of a model's series is not in the job")
+            cache[uid] = dcmread(path, stop_before_pixels=True)
+        out.append(cache[uid])
+    return out
+
+
+def build_objects(
+    ctx: StudyContext, results: Sequence[ModelResult], settings: Settings, key_image: bool
+) -> list[BuiltObject]:
+    """The job's SR, SEGs and optional key image (nothing is written)."""
+    root = settings.uid_root
+    built: list[BuiltObject] = []
+    segs: dict[str, Dataset] = {}
+    sources: dict[str, Dataset] = {}
+    findings: list[Finding] = []
+    ki_candidate: tuple[ModelResult, list[Dataset], list[SegmentSpec]] | None = None
+    for result in results:
+        volume = result.volume
+        unique = list(dict.fromkeys(volume.sop_instance_uids))
+        headers = _headers(ctx, unique)
+        for ds in headers:
+            sources.setdefault(str(ds.SOPInstanceUID), ds)
+        findings.extend(findings_of(result))
+        if result.manifest.task != "segmentation" or result.labels is None:
+            continue
+        segments = [
+            SegmentSpec(
+                label.value,
+                CodeSpec(label.code.value, label.code.scheme, label.code.meaning),
+                _spec(label.category),
+                _spec(label.finding_site),
+                label.focal,
+            )
+            for label in result.manifest.labels
+        ]
+        per_slice = _headers(ctx, volume.sop_instance_uids)
+        if len(unique) == len(volume.sop_instance_uids):
+            seg_source, frames = per_slice, []
+        elif len(unique) == 1:
+            seg_source, frames = headers, list(volume.frame_numbers)
+        else:
+            log.warning(
+                "job %d: no SEG for %s (series mixes multi-frame instances)",
+                ctx.job_id,
+                result.manifest.name,
+            )
+            continue
+        seg = build_seg(
+            SegInput(_model_spec(result.manifest), result.labels, seg_source, segments, frames),
+            root,
+            series_number=9910 + len(segs),
+        )
+        segs[result.manifest.name] = seg
+        built.append(BuiltObject("seg", seg))
+        if ki_candidate is None and len(unique) == len(volume.sop_instance_uids):
+            ki_candidate = (result, per_slice, segments)
+    # the SEG-less segmentation findings cannot reference a segment: report without them
+    reportable = [f for f in findings if f.kind != "segmentation" or f.model.name in segs]
+    if reportable:
+        sr = build_sr(reportable, list(sources.values()), segs, root)
+        built.insert(0, BuiltObject("sr", sr))
+    if key_image and ki_candidate is not None:
+        result, per_slice, segments = ki_candidate
+        assert result.labels is not None
+        best = best_slice(result.labels, segments)
+        if best is not None:
+            k, mask = best
+            present = [f for f in findings_of(result) if f.present]
+            focal = [f for f in present if f.focal] or present
+            lines = [
+                ", ".join(
+                    f"{f.code.meaning} {f.volume_ml:.2f} cm3"
+                    if f.volume_ml is not None
+                    else f.code.meaning
+                    for f in focal[:3]
+                ),
+                f"{result.manifest.name} {result.manifest.version}",
+            ]
+            ki = build_key_image(
+                per_slice[k],
+                result.volume.pixels[k],
+                mask,
+                lines,
+                [_model_spec(result.manifest)],
+                root,
+                result.volume.row_dir,
+                result.volume.col_dir,
+            )
+            built.append(BuiltObject("ki", ki))
+    return built
+
+
+def outbox_rel_path(study_uid: str, sop_uid: str) -> str:
+    """Where an object lives in the outbox: hashes of validated UIDs only."""
+    validate_uid(study_uid, "StudyInstanceUID")
+    validate_uid(sop_uid, "SOPInstanceUID")
+    return f"{uid_digest(study_uid)[:32]}/{uid_digest(sop_uid)}.dcm"
+
+
+def write_object(outbox: Path, rel_path: str, ds: Dataset) -> None:
+    """Write Part 10 durably: temp file, fsync, rename, fsync the directory."""
+    final = outbox / rel_path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=".dcm")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def build_result_objects(
+    ctx: StudyContext, results: Sequence[ModelResult], settings: Settings
+) -> dict[str, Any]:
+    """Build, store and queue for delivery the job's result objects.
+
+    Returns a summary for the job (objects and the delivery ids queued). With no
+    destination configured nothing is built.
+    """
+    destinations = settings.destination_list
+    if not destinations or not results:
+        return {"objects": [], "deliveries_queued": 0}
+    want_ki = any(d.wants("ki") for d in destinations)
+    try:
+        objects = build_objects(ctx, results, settings, key_image=want_ki)
+    except ResultBuildError as exc:
+        raise JobError(f"result objects could not be built: {exc}") from None
+    records: list[DeliveryRecord] = []
+    for obj in objects:
+        rel = outbox_rel_path(ctx.study_instance_uid, obj.sop_instance_uid)
+        write_object(settings.outbox_path, rel, obj.dataset)
+        for dest in destinations:
+            if dest.wants(obj.kind):
+                records.append(
+                    DeliveryRecord(
+                        study_id=ctx.study_id,
+                        job_id=ctx.job_id,
+                        study_instance_uid=ctx.study_instance_uid,
+                        series_instance_uid=obj.series_instance_uid,
+                        sop_instance_uid=obj.sop_instance_uid,
+                        sop_class_uid=obj.sop_class_uid,
+                        kind=obj.kind,
+                        destination=dest.name,
+                        rel_path=rel,
+                    )
+                )
+    queued: list[int] = []
+    with session_scope(settings.effective_database_url) as session:
+        for rec in records:
+            delivery_id = upsert_delivery(session, rec)
+            if delivery_id is not None:
+                queued.append(delivery_id)
+    log.info(
+        "job %d: %d result objects (%s), %d deliveries queued",
+        ctx.job_id,
+        len(objects),
+        ", ".join(o.kind for o in objects),
+        len(queued),
+    )
+    from worker.dispatch import enqueue_deliveries
+
+    enqueue_deliveries(settings, queued)  # after commit; the scheduler covers failures
+    return {
+        "objects": [
+            {
+                "kind": o.kind,
+                "sop_instance_uid": o.sop_instance_uid,
+                "sop_class_uid": o.sop_class_uid,
+            }
+            for o in objects
+        ],
+        "deliveries_queued": len(queued),
+    }

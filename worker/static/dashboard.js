@@ -1,0 +1,321 @@
+// pacs-ai dashboard: fetches the admin API with the bearer token kept in this
+// tab's sessionStorage. Every value is inserted as text, never as HTML.
+"use strict";
+
+const TOKEN_KEY = "pacs-ai-token";
+let selectedStudy = null;
+
+function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+
+class Unauthorized extends Error {}
+
+async function api(path, options = {}) {
+  const headers = { Accept: "application/json" };
+  if (token()) headers.Authorization = "Bearer " + token();
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) throw new Unauthorized();
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok && response.status !== 503) {
+    throw new Error(body.detail || response.status + " " + response.statusText);
+  }
+  return { status: response.status, body };
+}
+
+// -- small DOM helpers ------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "onclick") node.addEventListener("click", value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function pill(text, cls) { return el("span", { class: "pill " + (cls || text) }, text); }
+
+function when(iso) {
+  if (!iso) return "–";
+  const d = new Date(iso);
+  return d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
+}
+
+function seconds(from, to) {
+  if (!from || !to) return "–";
+  const s = (new Date(to) - new Date(from)) / 1000;
+  return s < 60 ? s.toFixed(1) + " s" : (s / 60).toFixed(1) + " min";
+}
+
+function uidCell(uid) { return el("td", { class: "uid", title: uid }, uid); }
+
+function fill(tableId, rows, emptyText, columns) {
+  const body = document.querySelector("#" + tableId + " tbody");
+  body.replaceChildren();
+  if (!rows.length) {
+    body.append(el("tr", {}, el("td", { class: "empty", colspan: String(columns) }, emptyText)));
+    return body;
+  }
+  return body;
+}
+
+function toast(text) {
+  const node = document.getElementById("toast");
+  node.textContent = text;
+  node.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { node.hidden = true; }, 6000);
+}
+
+function deliverySummary(counts) {
+  const parts = Object.entries(counts || {}).map(([status, n]) => n + " " + status);
+  return parts.length ? parts.join(" · ") : "–";
+}
+
+function findingsCell(study) {
+  const td = el("td", { class: "findings" });
+  if (study.findings && study.findings.length) {
+    for (const f of study.findings) td.append(pill(f, "finding"));
+  } else if (study.status === "done") {
+    td.append(el("span", { class: "muted" }, "none present"));
+  } else {
+    td.append(el("span", { class: "muted" }, "–"));
+  }
+  return td;
+}
+
+// -- actions ----------------------------------------------------------------------
+
+async function reprocess(studyUid, button) {
+  button.disabled = true;
+  try {
+    const { body } = await api(
+      "/api/studies/" + encodeURIComponent(studyUid) + "/reprocess", { method: "POST" });
+    toast("Reprocess queued: job " + body.job.id + " for study " + studyUid);
+  } catch (err) {
+    if (err instanceof Unauthorized) return signIn();
+    toast("Reprocess refused: " + err.message);
+  }
+  await refresh();
+}
+
+async function resend(studyUid, button) {
+  button.disabled = true;
+  try {
+    const { body } = await api(
+      "/api/studies/" + encodeURIComponent(studyUid) + "/resend", { method: "POST" });
+    toast("Resend queued: " + body.deliveries.length + " object(s) of study " + studyUid);
+  } catch (err) {
+    if (err instanceof Unauthorized) return signIn();
+    toast("Resend refused: " + err.message);
+  }
+  await refresh();
+}
+
+// -- rendering --------------------------------------------------------------------
+
+function renderTiles(summary, studies) {
+  const jobs = summary.jobs || {};
+  const deliveries = summary.deliveries || {};
+  const tiles = [
+    ["studies shown", studies.items.length + (studies.next_offset !== null ? "+" : "")],
+    ["jobs queued", jobs.queued || 0],
+    ["jobs running", jobs.running || 0],
+    ["jobs done", jobs.done || 0],
+    ["jobs failed", jobs.failed || 0],
+    ["deliveries sent", deliveries.sent || 0],
+    ["deliveries failed", deliveries.failed || 0],
+  ];
+  const box = document.getElementById("tiles");
+  box.replaceChildren(...tiles.map(([label, n]) =>
+    el("div", { class: "tile" }, el("div", { class: "n" }, n), el("div", { class: "l" }, label))));
+}
+
+function renderFailed(failed, studies) {
+  // the newest failed job of each study, unless the study has a newer job since
+  // (older failures stay listed under Jobs)
+  const latest = new Map(studies.items.map((s) => [s.study_instance_uid, s.latest_job_id]));
+  const seen = new Set();
+  const items = failed.items.filter((job) => {
+    if (seen.has(job.study_instance_uid)) return false;
+    seen.add(job.study_instance_uid);
+    const newest = latest.get(job.study_instance_uid);
+    return newest === undefined || newest === job.id;
+  });
+  const body = fill("failed", items, "No failed jobs.", 5);
+  for (const job of items) {
+    const button = el("button", { class: "primary", type: "button" }, "Reprocess");
+    button.addEventListener("click", () => reprocess(job.study_instance_uid, button));
+    body.append(el("tr", { "data-job": String(job.id) },
+      el("td", {}, job.id), uidCell(job.study_instance_uid), el("td", {}, when(job.finished_at)),
+      el("td", { class: "err" }, job.error || "–"), el("td", {}, button)));
+  }
+}
+
+function renderStudies(studies) {
+  const body = fill("studies", studies.items, "No study received yet.", 7);
+  for (const s of studies.items) {
+    const row = el("tr", { class: "click" + (s.study_instance_uid === selectedStudy ? " selected" : ""),
+      "data-study": s.study_instance_uid },
+      uidCell(s.study_instance_uid),
+      el("td", {}, (s.modalities || []).join(", ") || "–"),
+      el("td", {}, s.num_series + " / " + s.num_instances),
+      el("td", {}, pill(s.status)),
+      findingsCell(s),
+      el("td", {}, deliverySummary(s.deliveries)),
+      el("td", {}, when(s.received_at)));
+    row.addEventListener("click", () => {
+      selectedStudy = selectedStudy === s.study_instance_uid ? null : s.study_instance_uid;
+      refresh();
+    });
+    body.append(row);
+  }
+}
+
+function renderJobs(jobs) {
+  const body = fill("jobs", jobs.items, "No job yet.", 8);
+  for (const j of jobs.items) {
+    body.append(el("tr", {},
+      el("td", {}, j.id), uidCell(j.study_instance_uid), el("td", {}, pill(j.status)),
+      el("td", {}, j.attempts), el("td", {}, seconds(j.created_at, j.started_at)),
+      el("td", {}, seconds(j.started_at, j.finished_at)), el("td", {}, when(j.created_at)),
+      el("td", { class: "err" }, j.error || "")));
+  }
+}
+
+function renderModels(models) {
+  const body = fill("models", models, "No model registered.", 5);
+  for (const m of models) {
+    body.append(el("tr", {},
+      el("td", {}, m.name), el("td", {}, m.version || "–"), el("td", {}, m.task || "–"),
+      el("td", {}, (m.findings || []).join(", ")),
+      el("td", {}, m.enabled ? pill("enabled") : pill("disabled"),
+        m.error ? el("div", { class: "err" }, m.error) : null)));
+  }
+}
+
+function renderDeliveries(deliveries) {
+  const body = fill("deliveries", deliveries.items, "No delivery yet.", 8);
+  for (const d of deliveries.items) {
+    let action = null;
+    if (d.status === "failed") {
+      action = el("button", { type: "button" }, "Resend study");
+      action.addEventListener("click", () => resend(d.study_instance_uid, action));
+    }
+    body.append(el("tr", {},
+      uidCell(d.study_instance_uid), el("td", {}, (d.kind || "").toUpperCase()),
+      el("td", {}, d.destination), el("td", {}, pill(d.status)), el("td", {}, d.attempts),
+      el("td", {}, when(d.sent_at)), el("td", { class: "err" }, d.last_error || ""),
+      el("td", {}, action)));
+  }
+}
+
+function measurementText(r) {
+  const m = r.measurements || {};
+  const parts = [];
+  if (m.volume_ml !== undefined) parts.push(m.volume_ml + " ml");
+  if (m.count !== undefined) parts.push(m.count + " found");
+  if (m.largest_diameter_mm !== undefined) parts.push("largest " + m.largest_diameter_mm + " mm");
+  return parts.join(", ") || "–";
+}
+
+async function renderDetail() {
+  const box = document.getElementById("detail");
+  if (!selectedStudy) { box.hidden = true; box.replaceChildren(); return; }
+  const { status, body: s } = await api("/api/studies/" + encodeURIComponent(selectedStudy));
+  if (status !== 200) { box.hidden = true; return; }
+  const table = (head, rows) => el("table", {},
+    el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+    el("tbody", {}, ...(rows.length ? rows : [el("tr", {}, el("td", { class: "empty",
+      colspan: String(head.length) }, "none"))])));
+  const button = el("button", { class: "primary", type: "button" }, "Reprocess study");
+  button.addEventListener("click", () => reprocess(s.study_instance_uid, button));
+  let resendButton = null;
+  if (s.deliveries.length) {
+    resendButton = el("button", { type: "button" }, "Resend results");
+    resendButton.addEventListener("click", () => resend(s.study_instance_uid, resendButton));
+  }
+  box.replaceChildren(
+    el("h3", {}, "Study ", el("code", {}, s.study_instance_uid), " ", pill(s.status), " ", button,
+      " ", resendButton),
+    el("h3", {}, "Results"),
+    table(["Model", "Version", "Series", "Finding", "Present", "Probability", "Measurements"],
+      s.results.map((r) => el("tr", {},
+        el("td", {}, r.model), el("td", {}, r.model_version), uidCell(r.series_instance_uid),
+        el("td", {}, r.finding), el("td", {}, r.present === null ? "–" : (r.present ? "yes" : "no")),
+        el("td", {}, r.probability === null ? "–" : (100 * r.probability).toFixed(1) + " %"),
+        el("td", {}, measurementText(r))))),
+    el("h3", {}, "Series"),
+    table(["Series Instance UID", "Modality", "Number", "Description", "Instances"],
+      s.series.map((x) => el("tr", {}, uidCell(x.series_instance_uid), el("td", {}, x.modality || "–"),
+        el("td", {}, x.series_number ?? "–"), el("td", {}, x.series_description || ""),
+        el("td", {}, x.num_instances)))),
+    el("h3", {}, "Jobs"),
+    table(["Job", "Status", "Attempts", "Waited", "Ran", "Error"],
+      s.jobs.map((j) => el("tr", {}, el("td", {}, j.id), el("td", {}, pill(j.status)),
+        el("td", {}, j.attempts), el("td", {}, seconds(j.created_at, j.started_at)),
+        el("td", {}, seconds(j.started_at, j.finished_at)), el("td", { class: "err" }, j.error || "")))),
+    el("h3", {}, "Deliveries"),
+    table(["Object", "Destination", "Status", "Attempts", "Sent", "Last error"],
+      s.deliveries.map((d) => el("tr", {}, el("td", {}, (d.kind || "").toUpperCase()),
+        el("td", {}, d.destination), el("td", {}, pill(d.status)), el("td", {}, d.attempts),
+        el("td", {}, when(d.sent_at)), el("td", { class: "err" }, d.last_error || "")))));
+  box.hidden = false;
+}
+
+async function refresh() {
+  try {
+    const [ready, summary, studies, failed, jobs, models, deliveries] = await Promise.all([
+      api("/readyz"), api("/api/summary"), api("/api/studies?limit=50"),
+      api("/api/jobs?status=failed&limit=20"), api("/api/jobs?limit=30"), api("/api/models"),
+      api("/api/deliveries?limit=20"),
+    ]);
+    document.getElementById("login").hidden = true;
+    document.getElementById("main").hidden = false;
+    document.getElementById("signout").hidden = !token();
+    const readyPill = document.getElementById("ready");
+    const ok = ready.status === 200;
+    readyPill.className = "pill " + (ok ? "ready" : "not-ready");
+    readyPill.textContent = ok ? "ready" : "not ready: " + Object.entries(ready.body.checks || {})
+      .filter(([, v]) => v !== "ok").map(([k, v]) => k + " " + v).join(", ");
+    renderTiles(summary.body, studies.body);
+    renderFailed(failed.body, studies.body);
+    renderStudies(studies.body);
+    renderJobs(jobs.body);
+    renderModels(models.body);
+    renderDeliveries(deliveries.body);
+    await renderDetail();
+    document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (err) {
+    if (err instanceof Unauthorized) return signIn();
+    document.getElementById("updated").textContent = "update failed: " + err.message;
+  }
+}
+
+function signIn(message) {
+  document.getElementById("main").hidden = true;
+  document.getElementById("login").hidden = false;
+  document.getElementById("login-error").textContent =
+    message || (token() ? "That token was not accepted." : "");
+  document.getElementById("token").focus();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, document.getElementById("token").value.trim());
+    document.getElementById("token").value = "";
+    refresh();
+  });
+  document.getElementById("refresh").addEventListener("click", () => refresh());
+  document.getElementById("signout").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    signIn("Signed out.");
+  });
+  refresh();
+  setInterval(() => { if (document.getElementById("login").hidden) refresh(); }, 10000);
+});
