@@ -823,8 +823,10 @@ def card_seg(stats: dict[str, Any]) -> str:
         "left-right flips.\n\n"
         f"**Validation** (held-out phantoms, model grid): {stats['val']}.\n\n"
         "**Postprocessing** (manifest): nodule components under 0.2 ml (a 7 mm sphere) or "
-        "less compact than half the sphere of their largest diameter (vessel crossings) are "
-        "not reported.\n\n"
+        "whose largest inscribed ball has a radius under 3.5 mm (vessels and vessel "
+        "crossings, which stay thin; a nodule keeps its core even with a vessel attached) "
+        "are not reported; volumes and diameters are measured after an opening by a 2 mm "
+        "ball, which cuts attached vessels off.\n\n"
         "**Limits**: phantom anatomy only; the lung label includes vessels; nodules touching "
         "the pleura or mediastinum were never seen." + CARD_FOOTER
     )
@@ -998,10 +1000,12 @@ def build_seg(out: Path, quick: bool) -> None:
                     "finding_site": SCT_LUNG,
                     "threshold": 0.5,
                     "focal": True,
-                    # false-positive reduction: nodules are compact; vessel
-                    # crossings are not. 0.2 ml is a 7 mm sphere.
+                    # false-positive reduction: a nodule has a round core,
+                    # vessels and their crossings stay thin. 0.2 ml is a
+                    # 7 mm sphere.
                     "min_volume_ml": 0.2,
-                    "min_compactness": 0.5,
+                    "min_core_radius_mm": 3.5,
+                    "opening_radius_mm": 2.0,
                 },
             ],
             "routing": {

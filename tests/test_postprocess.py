@@ -188,3 +188,23 @@ def test_max_consistent_ignores_single_thin_slice_false_positives() -> None:
     # without geometry (a single image) it is the maximum
     assert classify([0.8], "max_consistent", 0.5) == (0.8, True)
     assert classify(clean, "max_consistent", 0.5, window_mm=0.5, slice_spacing_mm=1.0)[1]
+
+
+def test_opening_cuts_an_attached_vessel_off_a_nodule() -> None:
+    from worker.postprocess import open_mask
+
+    spacing = (1.0, 0.7, 0.7)
+    z, y, x = np.mgrid[:40, :60, :60].astype(float)
+    zz, yy, xx = z * spacing[0], y * spacing[1], x * spacing[2]
+    ball = (zz - 20) ** 2 + (yy - 21) ** 2 + (xx - 21) ** 2 <= 6.0**2  # a 12 mm nodule
+    vessel = ((zz - 20) ** 2 + (yy - 21) ** 2 <= 1.2**2) & (xx > 21) & (xx < 40)  # 2.4 mm tube
+    merged = ball | vessel
+    assert max_diameter_mm(merged, spacing) > 20
+    opened = open_mask(merged, spacing, 2.0)
+    assert label_volume_ml(opened, 1, spacing) == pytest.approx(
+        label_volume_ml(ball, 1, spacing), rel=0.03
+    )
+    assert max_diameter_mm(opened, spacing) == pytest.approx(12.0, abs=1.5)
+    # a tube alone disappears; thick slices use an in-plane disc
+    assert not open_mask(vessel, spacing, 2.0).any()
+    assert open_mask(ball, (5.0, 0.7, 0.7), 2.0).sum() > 0

@@ -165,3 +165,11 @@ def test_soft_volume_counts_partial_occupancy() -> None:
     soft_u8 = postprocess.soft_volume_ml(np.rint(prob * 255).astype(np.uint8), mask, spacing, 255)
     assert soft_u8 == pytest.approx(soft, rel=0.01)
     assert postprocess.soft_volume_ml(prob, np.zeros_like(mask), spacing) == 0.0
+
+
+def test_channel_argmax_matches_numpy_including_ties() -> None:
+    from worker.pipeline import _argmax_channels
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 4, (5, 3, 16, 16)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(_argmax_channels(arr), np.argmax(arr, axis=1))

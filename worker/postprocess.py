@@ -18,6 +18,8 @@ __all__ = [
     "Component",
     "label_volume_ml",
     "soft_volume_ml",
+    "open_mask",
+    "bounding_box",
     "components",
     "max_diameter_mm",
     "classify",
@@ -80,18 +82,70 @@ def soft_volume_ml(
     A model whose softmax estimates voxel occupancy (trained on soft targets)
     measures small structures on thick slices better this way than by counting
     argmax voxels. ``probability`` may be stored scaled (e.g. uint8 with
-    ``scale=255``) to bound memory; the sum is done in float64.
+    ``scale=255``) to bound memory; the sum is done in float64. Only the mask's
+    bounding box (plus the growth) is touched.
+    """
+    s = _spacing(spacing)
+    m = _as_3d(mask)
+    box = bounding_box(m, margin=max(int(dilate), 0))
+    if box is None:
+        return 0.0
+    m = m[box].astype(np.uint8)
+    if dilate > 0:
+        # a 3x3x3 dilation is a separable maximum filter: much faster on big masks
+        m = ndimage.maximum_filter(m, size=2 * int(dilate) + 1, mode="constant")
+    total = float(np.sum(_as_3d(probability)[box], where=m.astype(bool), dtype=np.float64))
+    return total / float(scale) * float(np.prod(s)) / 1000.0
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every True voxel, grown by
+    ``margin`` voxels and clipped to the array; None for an empty mask."""
+    m = np.asarray(mask)
+    out = []
+    for axis in range(m.ndim):
+        other = tuple(a for a in range(m.ndim) if a != axis)
+        hits = np.flatnonzero(m.any(axis=other))
+        if hits.size == 0:
+            return None
+        lo = max(int(hits[0]) - margin, 0)
+        hi = min(int(hits[-1]) + 1 + margin, m.shape[axis])
+        out.append(slice(lo, hi))
+    return tuple(out)
+
+
+def _ball(spacing: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Boolean structuring element: the voxels whose centre is within
+    ``radius_mm`` of the centre voxel, for anisotropic ``spacing``."""
+    half = [int(np.floor(radius_mm / s + 1e-9)) for s in spacing]
+    grids = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+    dist2 = sum((g * s) ** 2 for g, s in zip(grids, spacing, strict=True))
+    return np.asarray(dist2 <= radius_mm**2 + 1e-9)
+
+
+def open_mask(
+    mask: np.ndarray, spacing: Sequence[float] | np.ndarray, radius_mm: float
+) -> np.ndarray:
+    """Morphological opening of a 3D mask by a ball of ``radius_mm`` (in mm, so
+    anisotropic voxels are handled), keeping the largest connected piece.
+
+    Tubes thinner than the ball (vessels attached to a nodule) are cut off
+    while a blob larger than the ball keeps its shape. Empty when nothing of
+    the mask is as thick as the ball.
     """
     s = _spacing(spacing)
     m = _as_3d(mask).astype(bool)
-    if not m.any():
-        return 0.0
-    if dilate > 0:
-        m = ndimage.binary_dilation(
-            m, structure=np.ones((3, 3, 3), dtype=bool), iterations=int(dilate)
-        )
-    total = float(np.sum(_as_3d(probability)[m], dtype=np.float64)) / float(scale)
-    return total * float(np.prod(s)) / 1000.0
+    if radius_mm <= 0 or not m.any():
+        return m
+    ball = _ball(s, radius_mm)
+    pad = [(h, h) for h in (np.asarray(ball.shape) // 2)]
+    opened = ndimage.binary_opening(np.pad(m, pad), structure=ball)
+    opened = opened[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, m.shape, strict=True))]
+    pieces, count = ndimage.label(opened, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return opened
+    biggest = int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
+    return np.asarray(pieces == biggest)
 
 
 def max_diameter_mm(mask: np.ndarray, spacing: Sequence[float] | np.ndarray) -> float:
@@ -168,9 +222,12 @@ def components(
     :meth:`worker.volume.Volume.voxel_to_patient`; otherwise it is None.
     """
     s = _spacing(spacing)
-    mask = _as_3d(labels) == value
-    if not mask.any():
+    full = _as_3d(labels) == value
+    crop = bounding_box(full)
+    if crop is None:
         return []
+    mask = full[crop]
+    base = np.array([sl.start for sl in crop], dtype=np.int64)
     labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     sizes = np.bincount(labelled.ravel(), minlength=count + 1)
     objects = ndimage.find_objects(labelled)
@@ -198,7 +255,7 @@ def components(
     for rank, (size, i, sl) in enumerate(found, start=1):
         sub = labelled[sl] == i
         idx = np.argwhere(sub).astype(np.float64)
-        offset = np.array([sl[0].start, sl[1].start, sl[2].start], dtype=np.float64)
+        offset = np.array([sl[0].start, sl[1].start, sl[2].start], dtype=np.float64) + base
         c = idx.mean(axis=0) + offset
         centroid_mm = None
         if geometry is not None:
@@ -215,12 +272,12 @@ def components(
                 centroid_voxel=(float(c[0]), float(c[1]), float(c[2])),
                 centroid_mm=centroid_mm,
                 bbox=(
-                    sl[0].start,
-                    sl[1].start,
-                    sl[2].start,
-                    sl[0].stop,
-                    sl[1].stop,
-                    sl[2].stop,
+                    int(sl[0].start + base[0]),
+                    int(sl[1].start + base[1]),
+                    int(sl[2].start + base[2]),
+                    int(sl[0].stop + base[0]),
+                    int(sl[1].stop + base[1]),
+                    int(sl[2].stop + base[2]),
                 ),
             )
         )

@@ -235,10 +235,13 @@ def _windows(recipe: Mapping[str, Any]) -> list[tuple[float, float]]:
 
 
 def prepare_slices(
-    hu_slices: np.ndarray, recipe: Mapping[str, Any]
+    hu_slices: np.ndarray, recipe: Mapping[str, Any], boxes: Sequence[Box] | None = None
 ) -> tuple[np.ndarray, list[Box]]:
     """Axial slices in HU (n, rows, cols) -> model input (n, C, H, W) float32
-    in [0, 1] and the crop box of each slice (for :func:`restore_slices`)."""
+    in [0, 1] and the crop box of each slice (for :func:`restore_slices`).
+
+    ``boxes``: crop boxes already computed for these slices by
+    :func:`crop_box_body` (with ``crop: "body"``), to share them between models."""
     vol = np.asarray(hu_slices)
     if vol.ndim == 2:
         vol = vol[None]
@@ -251,15 +254,20 @@ def prepare_slices(
         raise RecipeError(f"unknown crop {crop!r} for axial_slices (body or null)")
     denoise, enhance = recipe.get("denoise"), recipe.get("enhance")
     out = np.empty((vol.shape[0], len(windows), *size), np.float32)
-    boxes: list[Box] = []
+    if boxes is not None and len(boxes) != vol.shape[0]:
+        raise RecipeError(f"{len(boxes)} crop boxes for {vol.shape[0]} slices")
+    out_boxes: list[Box] = []
     for i in range(vol.shape[0]):
         sl = np.asarray(vol[i], dtype=np.float32)
-        box = crop_box_body(sl) if crop == "body" else full_box(sl.shape)
-        boxes.append(box)
+        if crop == "body":
+            box = boxes[i] if boxes is not None else crop_box_body(sl)
+        else:
+            box = full_box(sl.shape)
+        out_boxes.append(box)
         img = _denoise_hu(crop_resize(sl, box, size, AIR_HU), denoise)
         for c, (center, width) in enumerate(windows):
             out[i, c] = _enhance(window(img, center, width), enhance)
-    return out, boxes
+    return out, out_boxes
 
 
 def restore_slices(

@@ -46,6 +46,12 @@ class Label(BaseModel):
     #: compactness = volume / volume of the sphere of the component's largest
     #: diameter (1 for a ball, near 0 for a vessel-like tube)
     min_compactness: float = Field(default=0.0, ge=0.0, le=1.0)
+    #: focal labels: components whose largest inscribed ball is smaller than
+    #: this radius (mm) are not reported (thin, vessel-like structures)
+    min_core_radius_mm: float = Field(default=0.0, ge=0.0)
+    #: focal labels: volume and diameter are measured after a morphological
+    #: opening by a ball of this radius (mm), which cuts off attached vessels
+    opening_radius_mm: float = Field(default=0.0, ge=0.0, le=20.0)
 
 
 class InputSpec(BaseModel):
