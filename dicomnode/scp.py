@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from db.repo import InstanceRecord, instance_exists, record_instance
@@ -49,7 +49,7 @@ def register_retired_storage_classes() -> None:
     from pynetdicom.service_class import ServiceClass, StorageServiceClass
     from pynetdicom.sop_class import register_uid, uid_to_service_class
 
-    for cx in StoragePresentationContexts:
+    for cx in AllStoragePresentationContexts:
         uid = str(cx.abstract_syntax)
         if uid_to_service_class(uid) is ServiceClass:
             keyword = "PacsAi" + re.sub(r"[^A-Za-z0-9]", "", UID(uid).name.title())
@@ -180,7 +180,7 @@ class StorageSCP:
             ae.require_calling_aet = sorted(self.config.allowed_calling_aets)
         register_retired_storage_classes()
         contexts: list[PresentationContext] = []
-        for cx in StoragePresentationContexts:
+        for cx in AllStoragePresentationContexts:
             contexts.append(_context(str(cx.abstract_syntax)))
         contexts.append(_context(VERIFICATION))
         ae.supported_contexts = contexts

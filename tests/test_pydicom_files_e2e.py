@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import StoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicomnode.scp import TRANSFER_SYNTAXES
 from tests.conftest import NodeFactory, port_open, send_datasets, send_files_raw, wait_for
@@ -33,7 +33,7 @@ pytestmark = [
     pytest.mark.skipif(not list(DEMO_MODELS_DIR.glob("*.json")), reason="demo models not built"),
 ]
 
-STORAGE_CLASSES = {str(cx.abstract_syntax) for cx in StoragePresentationContexts}
+STORAGE_CLASSES = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
 
 
 def pydicom_image_files() -> tuple[list[Path], dict[str, str]]:

@@ -309,3 +309,31 @@ def test_calling_aet_not_allowed_is_rejected(node_factory: NodeFactory) -> None:
         node, "SELECT calling_aet FROM instances WHERE sop_instance_uid = :s", s=ds.SOPInstanceUID
     ) == [("GOODSCU",)]
     assert "association rejected from EVILSCU" in node.logs()
+
+
+# -- 5. every storage SOP class ---------------------------------------------------
+
+
+def test_every_storage_sop_class_is_accepted(node_factory: NodeFactory) -> None:
+    """A PACS may forward any storage object of a study (mammography, parametric
+    maps, waveforms, new RT objects, ...): each is stored, none aborts the
+    association."""
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    node = listener_node(node_factory)
+    sop_classes = sorted(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+    assert len(sop_classes) > 128  # more than one association can propose
+    study = generate_uid()
+    datasets = []
+    for i, sop_class in enumerate(sop_classes):
+        ds = ct_slice(study, generate_uid(), i, rows=8, cols=8)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        datasets.append(ds)
+    statuses = []
+    for start in range(0, len(datasets), 100):
+        statuses += send_datasets(node.port, datasets[start : start + 100])
+    assert statuses == [SUCCESS] * len(datasets)
+    assert db_count(node, "instances") == len(datasets)
+    assert {str(split_dataset(p)[0].MediaStorageSOPClassUID) for p in stored_files(node)} == set(
+        sop_classes
+    )
