@@ -97,7 +97,8 @@ _SERIES_TAGS = [
     "Manufacturer",
 ]
 #: Kept by the structure walk itself: a received file is parsed only once.
-_KEEP_TAGS = frozenset(Tag(keyword) for keyword in _SERIES_TAGS)
+_TAGS = {keyword: Tag(keyword) for keyword in _SERIES_TAGS}
+_KEEP_TAGS = frozenset(_TAGS.values())
 
 
 @dataclass(frozen=True)
@@ -332,34 +333,32 @@ class StorageSCP:
             )
             self._count(event, "failed")
             return DATASET_DOES_NOT_MATCH
-        # 3. Store durably, record, then answer success.
-        url = self.config.database_url
+        # 3. Store durably, record, then answer success: one transaction looks
+        #    for a duplicate, and commits the row only after the file is durable.
+        final = self.config.storage_root / rec.rel_path
+        stored_here = False
         try:
-            with get_engine(url).begin() as conn:
+            with get_engine(self.config.database_url).begin() as conn:
                 if instance_exists(conn, rec.sop_instance_uid):
                     log.debug("duplicate sop=%s ignored", rec.sop_instance_uid)
                     self._count(event, "duplicate")
                     return SUCCESS
-        except Exception as exc:  # noqa: BLE001 - database unreachable
-            log.error("C-STORE refused 0xA700: database unavailable (%s)", type(exc).__name__)
-            self._count(event, "failed")
-            return OUT_OF_RESOURCES
-        final = self.config.storage_root / rec.rel_path
-        existed = final.exists()
-        try:
-            commit_file(path, self.config.storage_root, rec.rel_path)
-        except OSError as exc:
-            log.error("C-STORE refused 0xA700: cannot store instance (%s)", exc.strerror)
-            self._count(event, "failed")
-            return OUT_OF_RESOURCES
-        try:
-            with get_engine(url).begin() as conn:
+                existed = final.exists()
+                try:
+                    commit_file(path, self.config.storage_root, rec.rel_path)
+                except OSError as exc:
+                    raise _CannotStore(exc.strerror or type(exc).__name__) from exc
+                stored_here = not existed
                 created = record_instance(conn, rec)
+        except _CannotStore as exc:
+            log.error("C-STORE refused 0xA700: cannot store instance (%s)", exc)
+            self._count(event, "failed")
+            return OUT_OF_RESOURCES
         except Exception as exc:  # noqa: BLE001 - database unreachable or full
-            if not existed:
+            if stored_here:
                 final.unlink(missing_ok=True)
             log.error(
-                "C-STORE refused 0xA700: cannot record sop=%s (%s)",
+                "C-STORE refused 0xA700: database unavailable, cannot record sop=%s (%s)",
                 rec.sop_instance_uid,
                 type(exc).__name__,
             )
@@ -376,10 +375,10 @@ class StorageSCP:
         return SUCCESS
 
     def _record_for(self, event: evt.Event, ds: Dataset, path: Path) -> InstanceRecord:
-        study = validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-        series = validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        sop_class = validate_uid(ds.get("SOPClassUID"), "SOPClassUID")
+        study = validate_uid(_ascii(ds, "StudyInstanceUID"), "StudyInstanceUID")
+        series = validate_uid(_ascii(ds, "SeriesInstanceUID"), "SeriesInstanceUID")
+        sop = validate_uid(_ascii(ds, "SOPInstanceUID"), "SOPInstanceUID")
+        sop_class = validate_uid(_ascii(ds, "SOPClassUID"), "SOPClassUID")
         return InstanceRecord(
             study_instance_uid=study,
             series_instance_uid=series,
@@ -388,14 +387,34 @@ class StorageSCP:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             rel_path=relative_instance_path(study, series, sop),
             size_bytes=path.stat().st_size,
-            modality=_str_or_none(ds.get("Modality"), 16),
-            series_number=_int_or_none(ds.get("SeriesNumber")),
+            modality=_str_or_none(_ascii(ds, "Modality"), 16),
+            series_number=_int_or_none(_ascii(ds, "SeriesNumber")),
+            # LO: may use the dataset's character set, so pydicom decodes it
             series_description=_str_or_none(ds.get("SeriesDescription"), 64),
-            body_part_examined=_str_or_none(ds.get("BodyPartExamined"), 16),
-            instance_number=_int_or_none(ds.get("InstanceNumber")),
+            body_part_examined=_str_or_none(_ascii(ds, "BodyPartExamined"), 16),
+            instance_number=_int_or_none(_ascii(ds, "InstanceNumber")),
             calling_aet=str(event.assoc.requestor.ae_title).strip()[:16],
-            produced_by_us=str(ds.get("Manufacturer", "")) == OWN_MANUFACTURER,
+            produced_by_us=_ascii(ds, "Manufacturer") == OWN_MANUFACTURER,
         )
+
+
+def _ascii(ds: Dataset, keyword: str) -> str | None:
+    """A value of a kept element whose VR is ASCII only (UI, CS, IS), or the
+    Manufacturer compared with our own ASCII name, read from the raw bytes
+    without pydicom's conversion and validation (the listener's hot path)."""
+    elem = ds.get_item(_TAGS[keyword])
+    if elem is None:
+        return None
+    value = elem.value
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \x00")
+    return str(value).strip(" \x00")
+
+
+class _CannotStore(Exception):
+    """The instance's file cannot be written (disk full, permissions, ...)."""
 
 
 def _context(

@@ -99,6 +99,36 @@ def test_restore_labels_nearest_and_default_fill() -> None:
         recipe.restore_slices(labels, [], (12, 12))
 
 
+@pytest.mark.parametrize("normalized", [True, False])
+def test_restore_segmentation_matches_restoring_then_argmax(normalized: bool) -> None:
+    """The fused restore gives the labels and uint8 probabilities of restoring
+    every channel onto the grid and taking the argmax there, for boxes inside,
+    across and outside the image."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (4, 3, 16, 16)).astype(np.float32)
+    probs = np.exp(logits)
+    if normalized:
+        probs /= probs.sum(axis=1, keepdims=True)
+    else:
+        probs = 1 / (1 + np.exp(-logits))  # independent sigmoids: no sum to one
+    boxes = [(2, 30, 4, 28), (-5, 20, -3, 41), (0, 40, 0, 40), (45, 60, 45, 60)]
+    shape = (40, 40)
+    reference = recipe.restore_slices(probs, boxes, shape, fill=[1.0, 0.0, 0.0])
+    want_labels = np.argmax(reference, axis=1).astype(np.uint8)
+    want_soft = np.rint(np.moveaxis(reference[:, 1:], 1, 0) * 255).astype(np.uint8)
+
+    labels = np.zeros((4, *shape), np.uint8)
+    soft = np.zeros((2, 4, *shape), np.uint8)
+    recipe.restore_segmentation(probs, boxes, labels, soft, normalized=normalized)
+    # float rounding may flip a pixel whose two top classes are equal
+    assert np.mean(labels == want_labels) > 0.999
+    assert np.abs(soft.astype(int) - want_soft).max() <= 1
+    assert labels[3].max() == 0 and soft[:, 3].max() == 0  # box outside the image
+    assert set(np.unique(labels)) == {0, 1, 2}
+    with pytest.raises(RecipeError):
+        recipe.restore_segmentation(probs, boxes[:2], labels)
+
+
 @pytest.mark.parametrize(
     "spec",
     [

@@ -337,3 +337,35 @@ def test_every_storage_sop_class_is_accepted(node_factory: NodeFactory) -> None:
     assert {str(split_dataset(p)[0].MediaStorageSOPClassUID) for p in stored_files(node)} == set(
         sop_classes
     )
+
+
+# -- 6. the file cannot be stored ---------------------------------------------------
+
+
+def test_instance_that_cannot_be_stored_is_refused_with_a700(node_factory: NodeFactory) -> None:
+    """When the storage refuses the file (disk full, a broken mount, a file in
+    the way), the answer is 0xA700, nothing is recorded and the association
+    goes on."""
+    from dicomnode.uids import relative_instance_path
+
+    node = listener_node(node_factory)
+    blocked = _series(2, ExplicitVRLittleEndian)
+    rel = relative_instance_path(
+        str(blocked[0].StudyInstanceUID),
+        str(blocked[0].SeriesInstanceUID),
+        str(blocked[0].SOPInstanceUID),
+    )
+    # a plain file where the study's directory must go: mkdir fails (ENOTDIR)
+    obstacle = node.storage / Path(rel).parts[0] / Path(rel).parts[1]
+    obstacle.parent.mkdir(parents=True, exist_ok=True)
+    obstacle.write_bytes(b"not a directory")
+    good = _series(1, ExplicitVRLittleEndian)
+
+    assert send_datasets(node.port, [*blocked, *good]) == [OUT_OF_RESOURCES] * 2 + [SUCCESS]
+    assert db_count(node, "instances") == 1
+    good_rel = relative_instance_path(
+        str(good[0].StudyInstanceUID), str(good[0].SeriesInstanceUID), str(good[0].SOPInstanceUID)
+    )
+    assert [p for p in stored_files(node) if p != obstacle] == [node.storage / good_rel]
+    assert incoming_files(node) == []
+    assert "C-STORE refused 0xA700: cannot store instance" in node.logs()

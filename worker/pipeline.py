@@ -223,18 +223,16 @@ def run_model_full(
         (out,) = run_batches(session, manifest, iter([arr]), extra, deadline)
         timings["inference_s"] += time.monotonic() - t
         t = time.monotonic()
-        if manifest.segmentation_output == "logits":
+        logits = manifest.segmentation_output == "logits"
+        if logits:
             out = _softmax(out)
-        fill = [1.0] + [0.0] * (out.shape[1] - 1)
-        restored = recipe.restore_slices(out, boxes, (rows, cols), fill=fill)
-        labels[part] = _argmax_channels(restored)
-        if soft_probs is not None:
-            for value in range(1, min(n_labels, restored.shape[1] - 1) + 1):
-                channel = restored[:, value]
-                np.multiply(channel, 255.0, out=channel)
-                np.rint(channel, out=channel)
-                soft_probs[value - 1, part] = channel
-        del restored
+        recipe.restore_segmentation(
+            out,
+            boxes,
+            labels[part],
+            soft_probs[:, part] if soft_probs is not None else None,
+            normalized=logits,
+        )
         timings["postprocess_s"] += time.monotonic() - t
         t = time.monotonic()
     t = time.monotonic()

@@ -326,6 +326,66 @@ def restore_slices(
     return out
 
 
+def restore_segmentation(
+    probs: np.ndarray,
+    boxes: Sequence[Box],
+    labels: np.ndarray,
+    soft: np.ndarray | None = None,
+    normalized: bool = False,
+) -> None:
+    """Segmentation probabilities (n, C, H, W; channel 0 background) back onto
+    the original grid, straight into the job's arrays.
+
+    ``labels`` (n, rows, cols), zero on entry, gets the argmax of the bilinearly
+    restored probabilities (the first channel wins ties; background outside each
+    slice's box), as ``argmax(restore_slices(probs, boxes, fill=[1, 0, ...]))``.
+    ``soft`` (K, n, rows, cols) uint8, zero on entry, gets the probability of
+    classes 1..K scaled to 0..255. Only the box of each slice is written, and no
+    (n, C, rows, cols) float array is made: this is the segmentation models' hot
+    path. ``normalized``: the channels sum to one (a softmax), so the background
+    is restored as one minus the others (linear interpolation keeps the sum),
+    one channel less to resize.
+    """
+    arr = np.asarray(probs, dtype=np.float32)
+    if arr.ndim != 4:
+        raise RecipeError(f"expected (n, C, H, W), got shape {arr.shape}")
+    n, nc = arr.shape[:2]
+    if len(boxes) != n or labels.shape[0] != n:
+        raise RecipeError(f"{len(boxes)} boxes and {labels.shape[0]} label slices for {n} slices")
+    rows, cols = labels.shape[1:3]
+    first = 1 if normalized else 0
+    for i in range(n):
+        r0, r1, c0, c1 = boxes[i]
+        sr0, sr1, sc0, sc1 = max(r0, 0), min(r1, rows), max(c0, 0), min(c1, cols)
+        if sr1 <= sr0 or sc1 <= sc0 or nc < 2:
+            continue
+        # one contiguous 2D resize per channel: faster than one interleaved
+        # multi-channel image, and what follows reads contiguous memory
+        restored = [
+            cv2.resize(arr[i, c], (c1 - c0, r1 - r0), interpolation=cv2.INTER_LINEAR)[
+                sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0
+            ]
+            for c in range(first, nc)
+        ]
+        if normalized:
+            best = 1.0 - restored[0]
+            for channel in restored[1:]:
+                best -= channel
+            channels = [(c + 1, ch) for c, ch in enumerate(restored)]
+        else:
+            best = restored[0].copy()
+            channels = [(c + 1, ch) for c, ch in enumerate(restored[1:])]
+        out = labels[i, sr0:sr1, sc0:sc1]
+        for value, channel in channels:
+            out[channel > best] = value
+            np.maximum(best, channel, out=best)
+        if soft is not None:
+            for value, channel in channels[: soft.shape[0]]:
+                scaled = np.rint(channel * 255.0)
+                np.clip(scaled, 0, 255, out=scaled)
+                soft[value - 1, i, sr0:sr1, sc0:sc1] = scaled
+
+
 _COMPONENTS = {"R": 0, "G": 1, "B": 2}
 
 
