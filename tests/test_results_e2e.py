@@ -73,8 +73,13 @@ def _settled(node: Node, count: int) -> list[dict[str, Any]] | None:
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's errors; its warnings are printed (``pytest -s`` shows them)."""
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    lines = (out.stdout + out.stderr).splitlines()
+    for line in lines:
+        if line.startswith("Warning"):
+            print(f"dciodvfy {dcmread(path).Modality}: {line}")
+    return [line for line in lines if line.startswith("Error")]
 
 
 def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> None:
