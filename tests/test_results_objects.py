@@ -108,8 +108,13 @@ def _findings(key_uid: str) -> list[Finding]:
 
 
 def _dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's errors; its warnings are printed (``pytest -s`` shows them)."""
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    lines = (out.stdout + out.stderr).splitlines()
+    for line in lines:
+        if line.startswith("Warning"):
+            print(f"dciodvfy {path.name}: {line}")
+    return [line for line in lines if line.startswith("Error")]
 
 
 # -- UIDs ---------------------------------------------------------------------------
