@@ -25,7 +25,9 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.presentation import AllStoragePresentationContexts
 
+from dicomnode.uids import relative_instance_path
 from tests.conftest import (
     Node,
     NodeFactory,
@@ -318,8 +320,6 @@ def test_every_storage_sop_class_is_accepted(node_factory: NodeFactory) -> None:
     """A PACS may forward any storage object of a study (mammography, parametric
     maps, waveforms, new RT objects, ...): each is stored, none aborts the
     association."""
-    from pynetdicom.presentation import AllStoragePresentationContexts
-
     node = listener_node(node_factory)
     sop_classes = sorted(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
     assert len(sop_classes) > 128  # more than one association can propose
@@ -346,8 +346,6 @@ def test_instance_that_cannot_be_stored_is_refused_with_a700(node_factory: NodeF
     """When the storage refuses the file (disk full, a broken mount, a file in
     the way), the answer is 0xA700, nothing is recorded and the association
     goes on."""
-    from dicomnode.uids import relative_instance_path
-
     node = listener_node(node_factory)
     blocked = _series(2, ExplicitVRLittleEndian)
     rel = relative_instance_path(

@@ -357,18 +357,6 @@ def _erase_component(labels: np.ndarray, comp: Any) -> None:
     labels[box][mask] = 0
 
 
-def _argmax_channels(arr: np.ndarray) -> np.ndarray:
-    """``argmax(arr, axis=1)`` as uint8 (first channel wins ties), channel by
-    channel: several times faster than numpy's argmax over a middle axis."""
-    best = arr[:, 0].copy()
-    out = np.zeros(best.shape, dtype=np.uint8)
-    for c in range(1, arr.shape[1]):
-        better = arr[:, c] > best
-        out[better] = c
-        np.maximum(best, arr[:, c], out=best)
-    return out
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float32, copy=True)
     z -= z.max(axis=1, keepdims=True)

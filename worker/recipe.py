@@ -352,12 +352,14 @@ def restore_segmentation(
     n, nc = arr.shape[:2]
     if len(boxes) != n or labels.shape[0] != n:
         raise RecipeError(f"{len(boxes)} boxes and {labels.shape[0]} label slices for {n} slices")
+    if nc < 2:
+        return  # background only
     rows, cols = labels.shape[1:3]
     first = 1 if normalized else 0
     for i in range(n):
         r0, r1, c0, c1 = boxes[i]
         sr0, sr1, sc0, sc1 = max(r0, 0), min(r1, rows), max(c0, 0), min(c1, cols)
-        if sr1 <= sr0 or sc1 <= sc0 or nc < 2:
+        if sr1 <= sr0 or sc1 <= sc0:
             continue
         # one contiguous 2D resize per channel: faster than one interleaved
         # multi-channel image, and what follows reads contiguous memory
