@@ -8,6 +8,7 @@ success. Nothing heavy runs on the association thread.
 from __future__ import annotations
 
 import logging
+import ssl
 import tempfile
 import threading
 import time
@@ -21,16 +22,18 @@ from pydicom.tag import Tag
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
 
 from db.repo import InstanceRecord, instance_exists, record_instance
 from db.session import get_engine
+from dicomnode import guard
 from dicomnode.constants import OWN_MANUFACTURER
 from dicomnode.storage import (
+    DatasetTooLarge,
     MalformedDataset,
     check_structure,
     commit_file,
     prepare_storage,
+    sweep_incoming,
 )
 from dicomnode.uids import InvalidUID, relative_instance_path, validate_uid
 
@@ -109,9 +112,34 @@ class ListenerConfig:
     storage_root: Path
     database_url: str
     allowed_calling_aets: frozenset[str] = frozenset()
-    max_pdu_size: int = 0
+    max_pdu_size: int = 256 * 1024
     network_timeout: float = 60.0
     maximum_associations: int = 32
+    max_associations_per_host: int = 8
+    association_timeout: float = 10.0
+    max_instance_bytes: int = 2 * 1024**3
+    allowed_hosts: tuple[str, ...] = ()
+    min_free_mb: int = 0
+    #: 0 = no DICOM TLS listener; 2762 is the well-known port
+    tls_port: int = 0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: CA bundle that client certificates must chain to (verification on)
+    tls_ca: Path | None = None
+
+    def guard_config(self, temp_dir: Path | None = None) -> guard.GuardConfig:
+        return guard.GuardConfig(
+            max_pdu_size=self.max_pdu_size,
+            network_timeout=self.network_timeout,
+            association_timeout=self.association_timeout,
+            max_associations=self.maximum_associations,
+            max_associations_per_host=self.max_associations_per_host,
+            max_instance_bytes=self.max_instance_bytes,
+            allowed_hosts=self.allowed_hosts,
+            storage_root=self.storage_root,
+            min_free_bytes=self.min_free_mb * 1024 * 1024,
+            temp_dir=temp_dir,
+        )
 
 
 @dataclass
@@ -164,7 +192,10 @@ class StorageSCP:
     def __init__(self, config: ListenerConfig, observer: ListenerObserver | None = None) -> None:
         self.config = config
         self.observer: ListenerObserver = observer or _NoObserver()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: guard.GuardedServer | None = None
+        self._tls_server: guard.GuardedServer | None = None
+        self._guard: guard.ConnectionGuard | None = None
+        self._temp_dir: Path | None = None
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
 
@@ -174,9 +205,10 @@ class StorageSCP:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = self.config.max_pdu_size
         ae.network_timeout = self.config.network_timeout
-        ae.acse_timeout = self.config.network_timeout
+        ae.acse_timeout = self.config.association_timeout
         ae.dimse_timeout = self.config.network_timeout
-        ae.maximum_associations = self.config.maximum_associations
+        # the guard counts established associations (pynetdicom counts idle sockets)
+        ae.maximum_associations = 1_000_000
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = sorted(self.config.allowed_calling_aets)
         register_retired_storage_classes()
@@ -197,9 +229,15 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
         ]
 
-    def start(self) -> ThreadedAssociationServer:
-        """Start listening in background threads; returns the server."""
-        incoming = prepare_storage(self.config.storage_root)
+    def start(self) -> guard.GuardedServer:
+        """Start listening in background threads; returns the plain (or, when
+        plain DICOM is off, the TLS) server."""
+        cfg = self.config
+        if not cfg.port and not cfg.tls_port:
+            raise ValueError("both PACS_AI_PORT and PACS_AI_TLS_PORT are 0: nothing to listen on")
+        incoming = prepare_storage(cfg.storage_root)
+        sweep_incoming(incoming)
+        self._temp_dir = incoming
         # Receive each C-STORE straight into a temp file on the storage file system
         # (flat memory for large instances; the final rename stays atomic).
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -214,21 +252,54 @@ class StorageSCP:
         # request through so the handler refuses it with 0xA900 and the rest of
         # the association is still served (the handler validates every UID).
         _config.VALIDATORS["UI"] = _accept_uid
-        tempfile.tempdir = str(incoming)
+        tempfile.tempdir = str(self._temp_dir)
+        guard.install()
+        self._guard = guard.ConnectionGuard(cfg.guard_config(self._temp_dir))
+        self._guard.start()
         ae = self._make_ae()
-        server = ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=self.handlers()
-        )
-        assert server is not None
-        self._server = server
+        try:
+            if cfg.port:
+                self._server = self._serve(ae, cfg.port, None)
+            if cfg.tls_port:
+                self._tls_server = self._serve(ae, cfg.tls_port, self._ssl_context())
+        except BaseException:
+            self.stop()
+            raise
         log.info(
-            "listening as %s on %s:%d, storage %s",
-            self.config.ae_title,
-            self.config.host,
-            self.port,
-            self.config.storage_root,
+            "listening as %s on %s (plain DICOM port %s, DICOM TLS port %s), storage %s",
+            cfg.ae_title,
+            cfg.host,
+            self.port if self._server else "off",
+            self.tls_port if self._tls_server else "off",
+            cfg.storage_root,
         )
+        server = self._server or self._tls_server
+        assert server is not None
         return server
+
+    def _serve(self, ae: AE, port: int, ctx: ssl.SSLContext | None) -> guard.GuardedServer:
+        assert self._guard is not None
+        server = cast(
+            guard.GuardedServer,
+            ae.make_server(
+                (self.config.host, port),
+                ae_title=self.config.ae_title,
+                contexts=ae.supported_contexts,
+                ssl_context=ctx,
+                evt_handlers=self.handlers(),
+                server_class=guard.GuardedServer,
+                guard=self._guard,
+            ),
+        )
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"pacs-ai-listener-{port}", daemon=True
+        )
+        thread.start()
+        ae._servers.append(server)
+        return server
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        return make_tls_context(self.config.tls_cert, self.config.tls_key, self.config.tls_ca)
 
     @property
     def port(self) -> int:
@@ -236,10 +307,28 @@ class StorageSCP:
             return self.config.port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int:
+        if self._tls_server is None:
+            return self.config.tls_port
+        return int(self._tls_server.server_address[1])
+
+    @property
+    def connection_guard(self) -> guard.ConnectionGuard | None:
+        return self._guard
+
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for attr in ("_server", "_tls_server"):
+            server = getattr(self, attr)
+            if server is not None:
+                server.shutdown()
+                setattr(self, attr, None)
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
+        if self._temp_dir is not None:
+            self._temp_dir = None
+            sweep_incoming(self.config.storage_root / ".incoming")
             log.info("listener stopped")
 
     # -- handlers -----------------------------------------------------------
@@ -306,12 +395,24 @@ class StorageSCP:
 
     def _store(self, event: evt.Event) -> int:
         request = cast(C_STORE, event.request)
+        refused = guard.take_refusal(event.assoc, int(request.MessageID or 0))
+        if refused is not None:
+            status, reason = refused
+            log.warning("C-STORE refused 0x%04X: %s", status, reason)
+            self._count(event, "failed")
+            return status
         context = event.context
         path = Path(event.dataset_path)
         affected_sop = str(request.AffectedSOPInstanceUID or "")
         # 1. Can the bytes be parsed at all?
         try:
-            ds = check_structure(path, str(context.transfer_syntax), _KEEP_TAGS)
+            ds = check_structure(
+                path, str(context.transfer_syntax), _KEEP_TAGS, self.config.max_instance_bytes
+            )
+        except DatasetTooLarge as exc:
+            log.warning("C-STORE refused 0xA700: %s", exc)
+            self._count(event, "failed")
+            return OUT_OF_RESOURCES
         except Exception as exc:  # any parse failure
             log.warning("C-STORE refused 0xC210: cannot parse dataset (%s)", _reason(exc))
             self._count(event, "failed")
@@ -441,3 +542,19 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, MalformedDataset):
         return str(exc)
     return type(exc).__name__
+
+
+def make_tls_context(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLContext:
+    """A server context by the BCP 195 profile: TLS 1.2 or newer, forward-secret
+    AEAD ciphers, client certificates verified against ``ca`` when one is given."""
+    if cert is None or key is None:
+        raise ValueError("DICOM TLS needs PACS_AI_LISTENER_TLS_CERT and PACS_AI_LISTENER_TLS_KEY")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20")
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.load_cert_chain(str(cert), str(key))
+    if ca is not None:
+        ctx.load_verify_locations(cafile=str(ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx

@@ -7,9 +7,15 @@ the database row is committed and success is returned to the peer.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import mmap
 import os
+import re
+import socket
 import struct
+import tempfile
+import time
 import zlib
 from collections.abc import Collection
 from pathlib import Path
@@ -17,6 +23,8 @@ from pathlib import Path
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
+
+log = logging.getLogger(__name__)
 
 INCOMING_DIRNAME = ".incoming"
 
@@ -40,6 +48,122 @@ class MalformedDataset(ValueError):
     """The received bytes are not a complete DICOM dataset."""
 
 
+class DatasetTooLarge(MalformedDataset):
+    """The dataset is (or inflates to) more than the instance size limit."""
+
+
+_INFLATE_CHUNK = 1024 * 1024
+#: Real deflated datasets (SR, documents, images) shrink a few times, rarely 50x;
+#: deflate's ceiling is about 1000:1, which only crafted data reaches.
+_MAX_DEFLATE_RATIO = 200
+#: Below this inflated size the ratio is not checked (tiny datasets of zeros).
+_MIN_INFLATE_BOUND = 64 * 1024 * 1024
+
+
+def _check_deflated(
+    path: Path, mm: mmap.mmap, start: int, keep: frozenset[int], max_inflated: int
+) -> Dataset:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix("inf"), suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            total = 0
+            pos = start
+            end = len(mm)
+            pending = b""
+            while True:
+                if pending:
+                    chunk = pending
+                elif pos < end:
+                    chunk = mm[pos : pos + _INFLATE_CHUNK]
+                    pos += len(chunk)
+                else:
+                    break
+                try:
+                    data = inflater.decompress(chunk, _INFLATE_CHUNK)
+                except zlib.error as exc:
+                    raise MalformedDataset("deflated dataset cannot be inflated") from exc
+                pending = inflater.unconsumed_tail
+                total += len(data)
+                if total > max_inflated:
+                    raise DatasetTooLarge(
+                        f"deflated dataset inflates to more than {max_inflated} bytes "
+                        "(instance size limit or a deflate bomb)"
+                    )
+                out.write(data)
+                if inflater.eof:
+                    break
+            if not inflater.eof:
+                raise MalformedDataset("deflated dataset is truncated")
+        if total == 0:
+            raise MalformedDataset("dataset is empty")
+        with open(name, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as imm:
+            walker = _Walker(imm, False, True, keep)
+            walker.walk(0, total)
+            kept = walker.kept
+            # the kept values are copies (bytes), safe after the map is closed
+            return kept
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+#: ``rx-HOST.PID-random.part``: a transfer in progress by process PID on HOST
+_TEMP_NAME = re.compile(r"^(?:rx|w|inf)-(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)-")
+
+
+def temp_prefix(kind: str = "rx") -> str:
+    """Prefix of this process's temp files in the incoming folder."""
+    return f"{kind}-{_HOST}.{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_incoming(incoming: Path, legacy_age: float = 0.0) -> int:
+    """Remove temp files that killed or stopped processes on this host left in
+    the incoming folder; returns how many. Files of live processes, and of
+    other hosts sharing the storage, are left alone. Files in older naming
+    schemes (pynetdicom's ``tmp*.dcm``) are removed when older than
+    ``legacy_age`` seconds."""
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(incoming.iterdir())
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_file() or entry.is_symlink():
+                continue
+            m = _TEMP_NAME.match(entry.name)
+            if m is not None:
+                if m["host"] != _HOST:
+                    continue
+                pid = int(m["pid"])
+                if pid != os.getpid() and _pid_alive(pid):
+                    continue
+                if pid == os.getpid() and now - entry.stat().st_mtime < 3600:
+                    continue  # ours, maybe still being written
+            elif now - entry.stat().st_mtime < legacy_age:
+                continue
+            entry.unlink(missing_ok=True)
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d temp files left in the incoming folder", removed)
+    return removed
+
+
 def incoming_dir(storage_root: Path) -> Path:
     return storage_root / INCOMING_DIRNAME
 
@@ -49,6 +173,12 @@ def prepare_storage(storage_root: Path) -> Path:
     inc = incoming_dir(storage_root)
     inc.mkdir(parents=True, exist_ok=True)
     return inc
+
+
+def free_mb(path: Path) -> float:
+    """Free space, in MiB, available to this process on the file system of ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize / (1024 * 1024)
 
 
 def fsync_path(path: Path) -> None:
@@ -79,7 +209,7 @@ def commit_file(tmp_path: Path, storage_root: Path, rel_path: str) -> Path:
 def write_durably(data: bytes, storage_root: Path, rel_path: str) -> Path:
     """Write ``data`` to a temp file in the incoming dir and commit it."""
     inc = prepare_storage(storage_root)
-    tmp = inc / f"w-{os.getpid()}-{os.urandom(8).hex()}.part"
+    tmp = inc / f"{temp_prefix('w')}{os.urandom(8).hex()}.part"
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -102,7 +232,12 @@ def dataset_offset(buf: bytes | mmap.mmap) -> int:
     return start
 
 
-def check_structure(path: Path, transfer_syntax: str, keep: Collection[int] = ()) -> Dataset:
+def check_structure(
+    path: Path,
+    transfer_syntax: str,
+    keep: Collection[int] = (),
+    max_inflated: int = 4 * 1024**3,
+) -> Dataset:
     """Walk every element of the dataset in ``path`` and raise
     :class:`MalformedDataset` if one runs past the end of the data (a truncated
     or garbage dataset). Values are skipped, not decoded, so this is fast.
@@ -110,6 +245,11 @@ def check_structure(path: Path, transfer_syntax: str, keep: Collection[int] = ()
     The top-level elements whose tags are in ``keep`` (and the Specific Character
     Set) are returned as a dataset that pydicom decodes lazily, so the listener
     never parses a received file twice. Values longer than 1 KiB are not kept.
+
+    A deflated dataset is inflated in chunks into a temp file beside ``path``
+    (never whole into memory) and refused with :class:`DatasetTooLarge` once it
+    inflates past ``max_inflated`` bytes, or past 200 times its deflated size
+    when that is more than 64 MiB (a deflate bomb).
     """
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -119,16 +259,9 @@ def check_structure(path: Path, transfer_syntax: str, keep: Collection[int] = ()
             start = dataset_offset(mm)
             keep = frozenset(keep) | {_SPECIFIC_CHARACTER_SET} if keep else frozenset()
             if transfer_syntax == DEFLATED:
-                try:
-                    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                    data = inflater.decompress(mm[start:])
-                except zlib.error as exc:
-                    raise MalformedDataset("deflated dataset cannot be inflated") from exc
-                if not inflater.eof:
-                    raise MalformedDataset("deflated dataset is truncated")
-                walker = _Walker(data, False, True, keep)
-                walker.walk(0, len(data))
-                return walker.kept
+                compressed = size - start
+                bound = min(max_inflated, max(_MIN_INFLATE_BOUND, _MAX_DEFLATE_RATIO * compressed))
+                return _check_deflated(path, mm, start, keep, bound)
             if start == size:
                 raise MalformedDataset("dataset is empty")
             walker = _Walker(
