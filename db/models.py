@@ -56,6 +56,8 @@ class JobStatus(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    # a newer job of the same study (more instances) replaced it; its results are discarded
+    SUPERSEDED = "superseded"
 
 
 UID = String(64)
@@ -75,6 +77,8 @@ class Study(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     # True while instances have arrived that no job has been created for yet.
     needs_job: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set when retention deleted the study's stored files (rows and results stay).
+    pruned_at: Mapped[dt.datetime | None] = mapped_column()
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
@@ -128,7 +132,12 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column()
     finished_at: Mapped[dt.datetime | None] = mapped_column()
     # A running job owns its lease until this time; after it the reconciler may re-run it.
+    # The run holding it (``lease_owner``, the Celery task id) renews it while it works.
     lease_until: Mapped[dt.datetime | None] = mapped_column()
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    # the highest instance id the job covers (set when claimed): a job's results
+    # never replace those of a job that covered more
+    max_instance_id: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     summary: Mapped[dict[str, Any] | None] = mapped_column()
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, case, exists, func, select
+from sqlalchemy.orm import Session, aliased
 
-from db.models import Delivery, Instance, Job, Result, Series, Study
+from db.models import Delivery, DeliveryStatus, Instance, Job, JobStatus, Result, Series, Study
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -83,6 +84,7 @@ def list_studies(
                 "received_at": _iso(study.received_at),
                 "last_instance_at": _iso(study.last_instance_at),
                 "updated_at": _iso(study.updated_at),
+                "pruned_at": _iso(study.pruned_at),
             }
         )
     return out
@@ -258,6 +260,61 @@ def count_by_status(session: Session) -> dict[str, dict[str, int]]:
     return out
 
 
+def delivery_backlog(
+    session: Session,
+    now: dt.datetime,
+    alert_after: dt.timedelta,
+    destinations: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Pending deliveries per destination: how many, how many pending longer than
+    ``alert_after`` (``overdue``), the oldest one's age and the latest error.
+
+    Every destination in ``destinations`` (the configured ones) is listed, with
+    zeros when nothing waits for it; others only while something waits."""
+    pending = Delivery.status == DeliveryStatus.PENDING.value
+    overdue_before = now - alert_after
+    rows = session.execute(
+        select(
+            Delivery.destination,
+            func.count(),
+            func.sum(case((Delivery.created_at < overdue_before, 1), else_=0)),
+            func.min(Delivery.created_at),
+        )
+        .where(pending)
+        .group_by(Delivery.destination)
+    ).all()
+    found: dict[str, dict[str, Any]] = {}
+    for destination, count, overdue, oldest in rows:
+        oldest_at = oldest.replace(tzinfo=dt.UTC) if oldest.tzinfo is None else oldest
+        last_error = session.scalar(
+            select(Delivery.last_error)
+            .where(pending, Delivery.destination == destination, Delivery.last_error.is_not(None))
+            .order_by(Delivery.updated_at.desc())
+            .limit(1)
+        )
+        found[str(destination)] = {
+            "destination": str(destination),
+            "pending": int(count),
+            "overdue": int(overdue or 0),
+            "oldest_pending_at": _iso(oldest_at),
+            "oldest_age_seconds": round(max(0.0, (now - oldest_at).total_seconds()), 1),
+            "last_error": last_error,
+        }
+    for name in destinations:
+        found.setdefault(
+            name,
+            {
+                "destination": name,
+                "pending": 0,
+                "overdue": 0,
+                "oldest_pending_at": None,
+                "oldest_age_seconds": None,
+                "last_error": None,
+            },
+        )
+    return [found[name] for name in sorted(found)]
+
+
 def studies_with_results(
     session: Session, model: str, since: dt.datetime | None = None
 ) -> list[str]:
@@ -273,3 +330,81 @@ def studies_with_results(
         stmt = stmt.where(Study.received_at >= since)
     rows = session.execute(stmt).all()
     return [uid for uid, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
+
+
+# -- retention ------------------------------------------------------------------------
+
+
+def retention_conditions(cutoff: dt.datetime) -> list[ColumnElement[bool]]:
+    """The retention policy in SQL, as conditions on ``studies`` (correlated, so
+    they serve a SELECT and an UPDATE alike): the study's stored files may go when
+
+    - its latest job is done and finished before ``cutoff`` (now - retention),
+    - its last instance was received before ``cutoff`` and before that job was
+      created, and no instance is waiting for a job (``needs_job``),
+    - no job of it is queued or running, and
+    - every delivery of it is sent (a study without deliveries qualifies).
+
+    A study without any job never qualifies. ``pruned_at`` is not part of it.
+    """
+    newer = aliased(Job)
+    latest_job_id = select(func.max(newer.id)).where(newer.study_id == Study.id).scalar_subquery()
+    latest_done = exists().where(
+        Job.id == latest_job_id,
+        Job.status == JobStatus.DONE.value,
+        Job.finished_at.is_not(None),
+        Job.finished_at < cutoff,
+        Job.created_at >= Study.last_instance_at,
+    )
+    active = aliased(Job)
+    active_job = exists().where(
+        active.study_id == Study.id,
+        active.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+    )
+    unsent = exists().where(
+        Delivery.study_id == Study.id, Delivery.status != DeliveryStatus.SENT.value
+    )
+    return [
+        Study.needs_job.is_(False),
+        Study.last_instance_at < cutoff,
+        latest_done,
+        ~active_job,
+        ~unsent,
+    ]
+
+
+def prunable_studies(
+    session: Session, cutoff: dt.datetime, limit: int | None = None
+) -> list[tuple[int, str]]:
+    """(id, Study Instance UID) of the studies retention may prune now, not yet
+    pruned, oldest first."""
+    rows = session.execute(
+        select(Study.id, Study.study_instance_uid)
+        .where(Study.pruned_at.is_(None), and_(*retention_conditions(cutoff)))
+        .order_by(Study.last_instance_at, Study.id)
+        .limit(limit)
+    ).all()
+    return [(int(i), str(uid)) for i, uid in rows]
+
+
+def study_instance_files(
+    session: Session, study_id: int, received_before: dt.datetime | None = None
+) -> list[tuple[str, int]]:
+    """(rel_path under the storage root, size in bytes) of a study's stored
+    instances (received before ``received_before`` when given)."""
+    stmt = select(Instance.rel_path, Instance.size_bytes).where(Instance.study_id == study_id)
+    if received_before is not None:
+        stmt = stmt.where(Instance.received_at <= received_before)
+    return [(str(p), int(n)) for p, n in session.execute(stmt.order_by(Instance.id))]
+
+
+def study_outbox_files(session: Session, study_id: int) -> list[str]:
+    """rel_paths under the outbox of a study's built result objects (one per
+    object, however many destinations it went to)."""
+    stmt = (
+        select(Delivery.rel_path)
+        .where(Delivery.study_id == study_id)
+        .distinct()
+        .order_by(Delivery.rel_path)
+    )
+    return [str(p) for p in session.scalars(stmt)]

@@ -6,7 +6,18 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Boolean, TextClause, bindparam, delete, func, select, text, update
+from sqlalchemy import (
+    Boolean,
+    TextClause,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -193,33 +204,62 @@ def mark_enqueued(session: Session, job_ids: list[int], now: dt.datetime | None 
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=now or utcnow()))
 
 
-def claim_job(session: Session, job_id: int, lease_seconds: float, max_attempts: int) -> Job | None:
-    """Atomically take a job for running.
+def claim_job(
+    session: Session,
+    job_id: int,
+    lease_seconds: float,
+    max_attempts: int,
+    owner: str | None = None,
+    takeover_prefix: str | None = None,
+    now: dt.datetime | None = None,
+) -> Job | None:
+    """Atomically take a job for running, leased to ``owner`` for ``lease_seconds``.
 
     A job can be claimed when it is queued, or running with an expired lease (its
-    worker died). Returns None when it is done, failed, or leased to a live run,
-    so a duplicate message is harmless.
+    worker died), or still held by an earlier try of the same task, which hit a
+    transient error and could not release it: a lease owner starting with
+    ``takeover_prefix`` other than ``owner`` itself (the same try delivered again
+    after its process died takes nothing over). Returns None when the job is
+    done, failed, superseded, or leased to another live run, so a duplicate
+    message is harmless.
+
+    Each claim counts an attempt, except a take-over from an earlier try (also
+    after the reconciler re-queued the job meanwhile): transient errors never use
+    up ``max_attempts``. The run then records what it covers
+    (:func:`record_coverage`).
     """
-    now = utcnow()
+    now = now or utcnow()
+    running = Job.status == JobStatus.RUNNING.value
+    claimable = (Job.status == JobStatus.QUEUED.value) | (running & (Job.lease_until < now))
+    started = literal(now, UTCDateTime())
+    attempts: Any = Job.attempts + 1
+    started_at: Any = started
+    if takeover_prefix:
+        own = Job.lease_owner.startswith(takeover_prefix, autoescape=True) & (
+            Job.lease_owner != (owner or "")
+        )
+        claimable = claimable | (running & own)
+        attempts = case((own, Job.attempts), else_=Job.attempts + 1)
+        started_at = case((own, func.coalesce(Job.started_at, started)), else_=started)
     result = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id,
-            (Job.status == JobStatus.QUEUED.value)
-            | ((Job.status == JobStatus.RUNNING.value) & (Job.lease_until < now)),
-        )
+        .where(Job.id == job_id, claimable)
         .values(
             status=JobStatus.RUNNING.value,
-            attempts=Job.attempts + 1,
-            started_at=now,
+            attempts=attempts,
+            started_at=started_at,
             lease_until=now + dt.timedelta(seconds=lease_seconds),
+            lease_owner=owner,
             error=None,
         )
+        .execution_options(synchronize_session=False)
     )
     if getattr(result, "rowcount", 0) != 1:
         return None
     job = session.get(Job, job_id, populate_existing=True)
-    if job is not None and job.attempts > max_attempts:
+    if job is None:
+        return None
+    if job.attempts > max_attempts:
         job.status = JobStatus.FAILED.value
         job.finished_at = now
         job.lease_until = None
@@ -228,32 +268,158 @@ def claim_job(session: Session, job_id: int, lease_seconds: float, max_attempts:
     return job
 
 
+def record_coverage(session: Session, job_id: int, owner: str) -> tuple[bool, int | None]:
+    """Record what a just claimed job covers: the highest id of its study's
+    received instances (``max_instance_id``; the job processes those up to it)
+    and the number of the study's instances up to it (``num_instances``).
+
+    Returns whether the run ``owner`` still holds the job, and that highest id.
+    """
+    study_id = session.scalar(
+        select(Job.study_id).where(
+            Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_owner == owner
+        )
+    )
+    if study_id is None:
+        return False, None
+    top = session.scalar(
+        select(func.max(Instance.id)).where(
+            Instance.study_id == study_id, Instance.produced_by_us.is_(False)
+        )
+    )
+    values: dict[str, Any] = {"max_instance_id": None if top is None else int(top)}
+    if top is not None:
+        covered = session.scalar(
+            select(func.count())
+            .select_from(Instance)
+            .where(Instance.study_id == study_id, Instance.id <= top)
+        )
+        values["num_instances"] = int(covered or 0)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(result, "rowcount", 0) == 1, values["max_instance_id"]
+
+
+def renew_lease(session: Session, job_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend a running job's lease held by ``owner`` (the job's heartbeat).
+
+    False when the job is no longer that run's: superseded by a newer job,
+    finished, or re-queued and taken by another run after its lease expired.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.RUNNING.value,
+            Job.lease_owner == owner,
+        )
+        .values(lease_until=now + dt.timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
+def job_is_current(session: Session, job_id: int, owner: str) -> bool:
+    """Whether the run ``owner`` may still persist the outcome of its job: the job
+    is running under its lease, and no finished job of the study covered more
+    instances. Locks the job's row until the caller's transaction ends, so the
+    job cannot be superseded while its results or deliveries are being written.
+    """
+    row = session.execute(
+        select(Job.status, Job.lease_owner, Job.study_id, Job.max_instance_id)
+        .where(Job.id == job_id)
+        .with_for_update()
+    ).first()
+    if row is None or row.status != JobStatus.RUNNING.value or row.lease_owner != owner:
+        return False
+    if row.max_instance_id is None:
+        return True
+    wider = session.scalar(
+        select(Job.id)
+        .where(
+            Job.study_id == row.study_id,
+            Job.id != job_id,
+            Job.status == JobStatus.DONE.value,
+            Job.max_instance_id > row.max_instance_id,
+        )
+        .limit(1)
+    )
+    return wider is None
+
+
+def supersede_older_jobs(session: Session, study_id: int, newer_job_id: int) -> list[int]:
+    """Mark the study's queued or running jobs older than ``newer_job_id`` as
+    superseded (newest input wins); return their ids. A running one notices at
+    its next lease renewal or before it persists anything, and discards its
+    outcome."""
+    now = utcnow()
+    ids = [
+        int(i)
+        for i in session.execute(
+            update(Job)
+            .where(
+                Job.study_id == study_id,
+                Job.id < newer_job_id,
+                Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+            )
+            .values(
+                status=JobStatus.SUPERSEDED.value,
+                finished_at=now,
+                lease_until=None,
+                error=f"superseded by job {newer_job_id} (instances arrived after it was made)",
+            )
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).scalars()
+    ]
+    return sorted(ids)
+
+
 def finish_job(
     session: Session,
     job_id: int,
     status: JobStatus,
     summary: dict[str, Any] | None = None,
     error: str | None = None,
-) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(
+    owner: str | None = None,
+) -> bool:
+    """Record a job's outcome. With ``owner``, only while that run still holds the
+    job (running, its lease); returns whether the row was updated."""
+    stmt = update(Job).where(Job.id == job_id)
+    if owner is not None:
+        stmt = stmt.where(Job.status == JobStatus.RUNNING.value, Job.lease_owner == owner)
+    result = session.execute(
+        stmt.values(
             status=status.value,
             finished_at=utcnow(),
             lease_until=None,
             summary=summary,
             error=error,
-        )
+        ).execution_options(synchronize_session=False)
     )
+    return getattr(result, "rowcount", 0) == 1
 
 
-def requeue_job(session: Session, job_id: int) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(status=JobStatus.QUEUED.value, lease_until=None, enqueued_at=None)
+def requeue_job(session: Session, job_id: int, expired_before: dt.datetime | None = None) -> bool:
+    """Make a running job queued again (its worker is gone). With
+    ``expired_before``, only if its lease is still expired at that time (a
+    heartbeat or a take-over may have renewed it since it was seen). The lease
+    owner is kept: the next try of the same task may take the job without
+    counting an attempt."""
+    stmt = update(Job).where(Job.id == job_id)
+    if expired_before is not None:
+        stmt = stmt.where(Job.status == JobStatus.RUNNING.value, Job.lease_until < expired_before)
+    result = session.execute(
+        stmt.values(
+            status=JobStatus.QUEUED.value, lease_until=None, enqueued_at=None
+        ).execution_options(synchronize_session=False)
     )
+    return getattr(result, "rowcount", 0) == 1
 
 
 def replace_results(
@@ -322,6 +488,7 @@ def upsert_delivery(session: Session, rec: DeliveryRecord) -> int | None:
         return None
     if found.status == DeliveryStatus.FAILED.value:
         found.attempts = 0
+        found.created_at = now  # its maximum age (PACS_AI_DELIVERY_MAX_AGE_HOURS) starts again
     found.job_id = rec.job_id
     found.rel_path = rec.rel_path
     found.status = DeliveryStatus.PENDING.value
@@ -406,7 +573,8 @@ def mark_deliveries_enqueued(
 def reset_deliveries(
     session: Session, study_uid: str | None = None, job_id: int | None = None
 ) -> list[int]:
-    """Make every delivery of a study (or a job) pending again, attempts 0; return ids."""
+    """Make every delivery of a study (or a job) pending again, attempts 0, its age
+    (``created_at``, for ``PACS_AI_DELIVERY_MAX_AGE_HOURS``) starting now; return ids."""
     stmt = select(Delivery.id)
     if study_uid is not None:
         stmt = stmt.where(Delivery.study_instance_uid == study_uid)
@@ -422,6 +590,7 @@ def reset_deliveries(
                 status=DeliveryStatus.PENDING.value,
                 attempts=0,
                 last_error=None,
+                created_at=now,
                 next_attempt_at=now,
                 lease_until=None,
                 enqueued_at=None,
@@ -440,11 +609,23 @@ def create_reprocess_job(session: Session, study_uid: str) -> Job:
     caller and then sent by id like any other job.
 
     Refused (:class:`ReprocessRefused`) when the study is unknown, has nothing to
-    process, or already has a queued or running job.
+    process, already has a queued or running job, or was pruned by retention.
     """
-    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    # FOR UPDATE: retention (:func:`mark_pruned`) and a reprocess of the same
+    # study take turns, so a study is never pruned under a job just queued.
+    study = session.scalar(
+        select(Study)
+        .where(Study.study_instance_uid == study_uid)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
     if study is None:
         raise LookupError(f"no study {study_uid}")
+    if study.pruned_at is not None:
+        raise ReprocessRefused(
+            f"study {study_uid} was pruned by retention at {study.pruned_at.isoformat()} "
+            "(PACS_AI_RETENTION_HOURS): its instances are no longer stored"
+        )
     active = session.scalar(
         select(Job.id)
         .where(
@@ -476,3 +657,38 @@ def create_reprocess_job(session: Session, study_uid: str) -> Job:
     session.add(job)
     session.flush()
     return job
+
+
+# -- retention ------------------------------------------------------------------------
+
+
+def mark_pruned(session: Session, study_id: int, cutoff: dt.datetime, now: dt.datetime) -> bool:
+    """Set a study's ``pruned_at`` if the retention policy
+    (:func:`db.queries.retention_conditions`) still allows it; return whether it
+    did. Commit before deleting any file: from then on a reprocess is refused.
+    """
+    from db.queries import retention_conditions
+
+    result = session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.pruned_at.is_(None), *retention_conditions(cutoff))
+        .values(pruned_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return False
+    # On PostgreSQL the update may have waited for a reprocess holding the row;
+    # a job or delivery that transaction committed is seen by a new statement
+    # only, so look again.
+    still = session.scalar(
+        select(Study.id).where(Study.id == study_id, *retention_conditions(cutoff))
+    )
+    if still is None:
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id)
+            .values(pruned_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        return False
+    return True

@@ -87,8 +87,10 @@ class GuardConfig:
     #: storage root whose free space is checked against ``min_free_bytes``
     storage_root: Path | None = None
     min_free_bytes: int = 0
-    #: where C-STORE data sets are received (this process's own folder)
+    #: where C-STORE data sets are received (the storage's incoming folder)
     temp_dir: Path | None = None
+    #: share the port with other listener processes (SO_REUSEPORT)
+    reuse_port: bool = False
 
     @property
     def max_pending_per_host(self) -> int:
@@ -300,6 +302,11 @@ class GuardedServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.daemon_threads = True
 
+    def server_bind(self) -> None:
+        if self.limits.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # no handshake here: pynetdicom does it on the accepting thread, where
         # one silent peer on the TLS port would stall every other connection
@@ -366,9 +373,13 @@ class GuardedRequestHandler(RequestHandler):
             with contextlib.suppress(OSError):
                 cast(socket.socket, self.request).close()
             return
-        assoc = self._create_association()
-        assoc = _guard_association(assoc, conn, server)
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        try:
+            assoc = self._create_association()
+            assoc = _guard_association(assoc, conn, server)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        except BaseException:
+            server.guard.release(conn)
+            raise
         assoc.start()
 
     def finish(self) -> None:

@@ -4,12 +4,20 @@
   source slice that holds a segment, each frame referencing its source instance
   and carrying that instance's position (so it overlays on the right slice,
   whatever order the source series was stored or sent in).
-- :func:`build_sr`: a Comprehensive 3D SR, TID 1500 Measurement Report: a TID
-  1501 group per classification finding (certainty in %, present/absent), a
-  TID 1411 group per segment (volume in cm3, longest diameter of focal
-  findings, referencing the SEG segment), a text summary for text-only viewers.
+- :func:`build_sr`: a Comprehensive 3D SR, TID 1500 Measurement Report in which
+  every measurement group has an image region, so viewers draw each finding: a
+  TID 1410 group per nodule (its outline on the slice where it is largest,
+  maximum diameter, volume from the SEG segment), per classification finding
+  (the slice that drove it, certainty in %), per non-focal segment (its region,
+  with a TID 1411 group referencing the SEG segment and its volume under the
+  same tracking identifier); findings without a region as qualitative
+  evaluations, and a text summary for text-only viewers.
 - :func:`build_key_image`: an RGB Secondary Capture of the most relevant slice
-  with the contour and a "not for diagnostic use" banner burned in.
+  with the outline burned in and the finding, size, certainty, model and a
+  "not for diagnostic use" line in a text band of its own.
+- :func:`focal_components`, :func:`largest_slice`, :func:`outline`,
+  :func:`hull`: where a finding is drawn, from the label volume the SEG is
+  built from.
 
 Everything here is a pure function of datasets, arrays and dataclasses; UIDs are
 derived deterministically (:func:`dicomnode.uids.derived_uid`) from the source
@@ -32,6 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
+from dicomnode import headers, phi
 from dicomnode.constants import OWN_MANUFACTURER, SOFTWARE_VERSION
 from dicomnode.uids import derived_uid
 
@@ -100,8 +109,36 @@ class SegmentSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanarRegion:
+    """Where a finding is drawn: a graphic on one source image (or one frame of a
+    multi-frame one), in that image's pixel coordinates: ``(column, row)`` pairs,
+    ``(0, 0)`` the top left corner of the top left pixel (DICOM SCOORD)."""
+
+    sop_instance_uid: str
+    points: tuple[tuple[float, float], ...]
+    graphic_type: str = "POLYLINE"  # POLYLINE (closed: first point == last), ELLIPSE, POINT
+    frame_number: int | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.points)
+        if self.graphic_type == "POLYLINE" and (n < 4 or self.points[0] != self.points[-1]):
+            raise ValueError("a POLYLINE region needs at least 3 corners and must be closed")
+        if self.graphic_type == "ELLIPSE" and n != 4:
+            raise ValueError("an ELLIPSE region needs 4 points (major and minor axis ends)")
+        if self.graphic_type == "POINT" and n != 1:
+            raise ValueError("a POINT region needs 1 point")
+        if self.graphic_type not in {"POLYLINE", "ELLIPSE", "POINT"}:
+            raise ValueError(
+                f'Graphic type "{self.graphic_type}" is not supported; '
+                "use POLYLINE, ELLIPSE or POINT."
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class Finding:
-    """One result row, as the SR reports it."""
+    """One reported finding: a result row, or one focal component (nodule) of a
+    segmentation row. ``region`` is where viewers draw it; a finding without one
+    is reported as a qualitative evaluation outside the measurement groups."""
 
     model: ModelSpec
     kind: str  # classification | segmentation
@@ -114,8 +151,24 @@ class Finding:
     volume_ml: float | None = None
     longest_diameter_mm: float | None = None
     focal: bool = False
-    #: classification: the slice with the highest probability
+    #: classification: the slice with the highest probability (and its frame)
     key_sop_instance_uid: str | None = None
+    key_frame_number: int | None = None
+    #: segmentation: the finding's outline on the slice where it is largest
+    region: PlanarRegion | None = None
+    #: focal components: 1-based number (largest first) and how many were reported
+    component: int | None = None
+    components: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The finding's name in viewers: "Lung nodule 2 of 3", "Lung"."""
+        name = self.code.meaning
+        if self.component is not None:
+            name += f" {self.component}"
+            if self.components:
+                name += f" of {self.components}"
+        return name
 
 
 @dataclass(slots=True)
@@ -166,8 +219,13 @@ def seg_uids(root: str, seg: SegInput) -> tuple[str, str]:
 
 
 def _common_kwargs(source: Dataset, description: str) -> dict[str, Any]:
-    """Series description, and the institution copied from the source."""
-    kwargs: dict[str, Any] = {"series_description": description[:64]}
+    """Series description, and the institution copied from the (prepared) source.
+    The Specific Character Set is declared after building
+    (:meth:`headers.PreparedHeader.apply_character_set`): highdicom accepts too few."""
+    kwargs: dict[str, Any] = {
+        "series_description": description[:64],
+        "specific_character_set": None,
+    }
     for keyword, name in (
         ("InstitutionName", "institution_name"),
         ("InstitutionalDepartmentName", "institutional_department_name"),
@@ -203,7 +261,7 @@ def build_seg(seg: SegInput, uid_root: str, series_number: int = SEG_SERIES_NUMB
     for number, spec in enumerate(seg.segments, start=1):
         lut[spec.label_value] = number
     label_map = lut[seg.labels]
-    source = seg.source
+    source, header = headers.prepare_all(seg.source)  # checked patient/study attributes
     if len(source) == 1 and n > 1:
         # one multi-frame source instance: frames in its stored order
         order = np.argsort(np.asarray(seg.frame_numbers or list(range(1, n + 1))))
@@ -252,8 +310,9 @@ def build_seg(seg: SegInput, uid_root: str, series_number: int = SEG_SERIES_NUMB
             **_common_kwargs(source[0], f"AI segmentation {seg.model.name}"),
         )
     except (ValueError, TypeError) as exc:
-        raise ResultBuildError(f"SEG of {seg.model.name}: {exc}") from None
+        raise ResultBuildError(f"SEG of {seg.model.name}: {phi.describe(exc)}") from None
     _stamp(ds, [seg.model])
+    header.apply_character_set(ds)
     return ds
 
 
@@ -276,13 +335,13 @@ def summary_text(findings: Sequence[Finding]) -> str:
     lines = [f"AI results ({NOT_FOR_DIAGNOSIS})."]
     for f in findings:
         state = "present" if f.present else "absent"
-        parts = [f"{f.code.meaning}: {state}"]
+        parts = [f"{f.label}: {state}"]
         if f.probability is not None:
             parts.append(f"certainty {100.0 * f.probability:.0f} %")
-        if f.volume_ml is not None:
-            parts.append(f"volume {f.volume_ml:.2f} cm3")
         if f.longest_diameter_mm is not None and f.present:
             parts.append(f"longest diameter {f.longest_diameter_mm:.1f} mm")
+        if f.volume_ml is not None:
+            parts.append(f"volume {f.volume_ml:.2f} cm3")
         lines.append(", ".join(parts) + f" [{f.model.name} {f.model.version}]")
     return "\n".join(lines)
 
@@ -309,6 +368,67 @@ def _presence(f: Finding) -> hd.sr.QualitativeEvaluation:
     )
 
 
+def _tracking_label(f: Finding) -> str:
+    """What viewers list: the finding, its state for a classifier, the model."""
+    if f.kind == "classification":
+        return f"{f.label}: {'present' if f.present else 'absent'} ({f.model.name})"
+    return f"{f.label} ({f.model.name})"
+
+
+def whole_image_region(source: Dataset, frame_number: int | None = None) -> PlanarRegion:
+    """The whole image as a region (through the centres of its border pixels): what
+    a classifier looked at on the slice that drove its finding."""
+    rows, cols = int(source.Rows), int(source.Columns)
+    x0, y0, x1, y1 = 0.5, 0.5, max(cols - 0.5, 1.0), max(rows - 0.5, 1.0)
+    xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+    # corners and edge midpoints: OHIF turns a 4- or 5-point Image Region into an
+    # editable rectangle, offers to "track" it and then hides the rest of the report
+    return PlanarRegion(
+        str(source.SOPInstanceUID),
+        ((x0, y0), (xm, y0), (x1, y0), (x1, ym), (x1, y1), (xm, y1), (x0, y1), (x0, ym), (x0, y0)),
+        "POLYLINE",
+        frame_number,
+    )
+
+
+def _image_region(
+    f: Finding, by_sop: dict[str, Dataset]
+) -> tuple[hd.sr.ImageRegion, PlanarRegion] | None:
+    """The SCOORD of a finding on its source image; None when it has no region or
+    its image is not among the report's sources."""
+    region = f.region
+    if region is None and f.kind == "classification" and f.key_sop_instance_uid in by_sop:
+        region = whole_image_region(by_sop[str(f.key_sop_instance_uid)], f.key_frame_number)
+    if region is None or region.sop_instance_uid not in by_sop:
+        return None
+    ds = by_sop[region.sop_instance_uid]
+    frames = [region.frame_number] if region.frame_number is not None else None
+    try:
+        scoord = hd.sr.ImageRegion(
+            graphic_type=region.graphic_type,
+            graphic_data=np.asarray(region.points, dtype=np.float64),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(ds.SOPClassUID),
+                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                referenced_frame_numbers=frames,
+            ),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ResultBuildError(f"region of {f.label}: {exc}") from None
+    return scoord, region
+
+
+def _segment_source(seg: Dataset, number: int) -> hd.sr.SourceImageForMeasurement:
+    """ "Source of Measurement": the SEG instance and the segment (Image SOP Instance
+    Reference Macro, Referenced Segment Number)."""
+    item = hd.sr.SourceImageForMeasurement(
+        referenced_sop_class_uid=str(seg.SOPClassUID),
+        referenced_sop_instance_uid=str(seg.SOPInstanceUID),
+    )
+    item.ReferencedSOPSequence[0].ReferencedSegmentNumber = number
+    return item
+
+
 def build_sr(
     findings: Sequence[Finding],
     sources: Sequence[Dataset],
@@ -317,11 +437,26 @@ def build_sr(
     series_number: int = SR_SERIES_NUMBER,
 ) -> Dataset:
     """The TID 1500 report of a job: ``sources`` are the headers of the source
-    instances the models ran on; ``segs`` the SEG built per model name."""
+    instances the models ran on; ``segs`` the SEG built per model name.
+
+    Every measurement group holds an image region (viewers such as OHIF draw a
+    group by its region and fail on a group without one):
+
+    - a focal segmentation finding (one nodule): TID 1410, its outline on the slice
+      where it is largest, its maximum diameter and its volume, the volume's
+      source being the SEG segment;
+    - a non-focal segment (the lungs): TID 1410 with its region on its largest
+      slice, and TID 1411 referencing the SEG segment with the volume, both under
+      one tracking identifier (one finding; OHIF merges them);
+    - a classification: TID 1410, the whole slice that drove it, the certainty;
+    - a finding without a region (absent, or no image to draw it on): a
+      qualitative evaluation outside the measurement groups.
+    """
     if not findings:
         raise ResultBuildError("no findings to report")
     if not sources:
         raise ResultBuildError("no source instances")
+    sources, header = headers.prepare_all(sources)  # checked patient/study attributes
     models = list({f.model.key: f.model for f in findings}.values())
     series_uid, sop_uid = sr_uids(uid_root, sources, models)
     by_sop = {str(ds.SOPInstanceUID): ds for ds in sources}
@@ -335,62 +470,29 @@ def build_sr(
         ),
     )
     groups: list[Any] = []
-    for index, f in enumerate(findings, start=1):
-        label = f"{f.model.name} {f.code.meaning}"
-        sites = [hd.sr.FindingSite(f.finding_site.concept())] if f.finding_site else None
-        category = f.category.concept() if f.category else None
-        if f.kind == "segmentation":
-            seg = segs.get(f.model.name)
-            number = _segment_number(seg, f) if seg is not None else None
-            if seg is None or number is None:
-                raise ResultBuildError(f"no SEG segment for {label}")
-            measurements = [
-                hd.sr.Measurement(
-                    name=codes.SCT.Volume,
-                    value=round(float(f.volume_ml or 0.0), 3),
-                    unit=codes.UCUM.CubicCentimeter,
-                    algorithm_id=f.model.algorithm_id(),
-                )
-            ]
-            if f.focal and f.present and f.longest_diameter_mm is not None:
-                measurements.append(
-                    hd.sr.Measurement(
-                        name=codes.SCT.Diameter,
-                        value=round(float(f.longest_diameter_mm), 2),
-                        unit=codes.UCUM.Millimeter,
-                        derivation=codes.SCT.Maximum,
-                        algorithm_id=f.model.algorithm_id(),
-                    )
-                )
-            groups.append(
-                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=_tracking(uid_root, sop_uid, index, label),
-                    referenced_segment=hd.sr.ReferencedSegment(
-                        sop_class_uid=str(seg.SOPClassUID),
-                        sop_instance_uid=str(seg.SOPInstanceUID),
-                        segment_number=number,
-                        source_series=hd.sr.SourceSeriesForSegmentation(
-                            str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
-                        ),
-                    ),
-                    finding_type=f.code.concept(),
-                    finding_category=category,
-                    finding_sites=sites,
-                    algorithm_id=f.model.algorithm_id(),
-                    measurements=measurements,
-                    qualitative_evaluations=[_presence(f)],
-                )
-            )
-        else:
-            source_images = None
-            key = by_sop.get(f.key_sop_instance_uid or "")
-            if key is not None:
-                source_images = [
-                    hd.sr.SourceImageForMeasurementGroup(
-                        referenced_sop_class_uid=str(key.SOPClassUID),
-                        referenced_sop_instance_uid=str(key.SOPInstanceUID),
-                    )
-                ]
+    outside: list[Finding] = []
+    # nodules first, then whole segments, then classifiers: viewers open on the
+    # first group's image (tracking UIDs keep the given order)
+    rank = {(True, "segmentation"): 0, (False, "segmentation"): 1}
+    ordered = sorted(
+        enumerate(findings, start=1), key=lambda item: rank.get((item[1].focal, item[1].kind), 2)
+    )
+    for index, f in ordered:
+        drawn = _image_region(f, by_sop)
+        if drawn is None:
+            outside.append(f)
+            continue
+        scoord, _region = drawn
+        tracking = _tracking(uid_root, sop_uid, index, _tracking_label(f))
+        common: dict[str, Any] = {
+            "finding_type": f.code.concept(),
+            "finding_category": f.category.concept() if f.category else None,
+            "finding_sites": (
+                [hd.sr.FindingSite(f.finding_site.concept())] if f.finding_site else None
+            ),
+            "algorithm_id": f.model.algorithm_id(),
+        }
+        if f.kind != "segmentation":
             measurements = []
             if f.probability is not None:
                 measurements.append(
@@ -402,27 +504,78 @@ def build_sr(
                     )
                 )
             groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=_tracking(uid_root, sop_uid, index, label),
-                    finding_type=f.code.concept(),
-                    finding_category=category,
-                    finding_sites=sites,
-                    algorithm_id=f.model.algorithm_id(),
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_region=scoord,
                     measurements=measurements or None,
                     qualitative_evaluations=[_presence(f)],
-                    source_images=source_images,
+                    **common,
+                )
+            )
+            continue
+        seg = segs.get(f.model.name)
+        number = _segment_number(seg, f) if seg is not None else None
+        volume = None
+        if f.volume_ml is not None:
+            volume = hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=round(float(f.volume_ml), 3),
+                unit=codes.UCUM.CubicCentimeter,
+                algorithm_id=f.model.algorithm_id(),
+                referenced_images=(
+                    [_segment_source(seg, number)] if seg is not None and number else None
+                ),
+            )
+        measurements = []
+        if f.focal and f.present and f.longest_diameter_mm is not None:
+            measurements.append(
+                hd.sr.Measurement(
+                    name=codes.SCT.Diameter,
+                    value=round(float(f.longest_diameter_mm), 2),
+                    unit=codes.UCUM.Millimeter,
+                    derivation=codes.SCT.Maximum,
+                    algorithm_id=f.model.algorithm_id(),
+                )
+            )
+        whole_segment = not f.focal and seg is not None and number is not None
+        if volume is not None and not whole_segment:
+            measurements.append(volume)
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=scoord,
+                measurements=measurements or None,
+                qualitative_evaluations=[_presence(f)],
+                **common,
+            )
+        )
+        if whole_segment:
+            assert seg is not None and number is not None
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_segment=hd.sr.ReferencedSegment(
+                        sop_class_uid=str(seg.SOPClassUID),
+                        sop_instance_uid=str(seg.SOPInstanceUID),
+                        segment_number=number,
+                        source_series=hd.sr.SourceSeriesForSegmentation(
+                            str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+                        ),
+                    ),
+                    measurements=[volume] if volume is not None else None,
+                    **common,
                 )
             )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=_procedure(sources[0]),
-        imaging_measurements=groups,
+        imaging_measurements=groups or None,
         title=codes.cid7021.ImagingMeasurementReport,
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
             _ENGLISH
         ),
     )
-    _append_summary(report, summary_text(findings))
+    _append_qualitative(report, outside, summary_text(findings))
     evidence = list(sources) + list(segs.values())
     try:
         ds = hd.sr.Comprehensive3DSR(
@@ -440,8 +593,9 @@ def build_sr(
             **_common_kwargs(sources[0], f"AI findings ({NOT_FOR_DIAGNOSIS})"),
         )
     except (ValueError, TypeError) as exc:
-        raise ResultBuildError(f"SR: {exc}") from None
+        raise ResultBuildError(f"SR: {phi.describe(exc)}") from None
     _stamp(ds, models)
+    header.apply_character_set(ds)
     return ds
 
 
@@ -456,23 +610,150 @@ def _segment_number(seg: Dataset, f: Finding) -> int | None:
     return None
 
 
-def _append_summary(report: hd.sr.MeasurementReport, text: str) -> None:
-    """TID 1500 row 12: Qualitative Evaluations CONTAINS a TEXT summary, so viewers
-    that show only text still say what was found."""
+def _append_qualitative(
+    report: hd.sr.MeasurementReport, findings: Sequence[Finding], text: str
+) -> None:
+    """TID 1500 row 12, Qualitative Evaluations: the findings that have no image
+    region (present or absent, coded), and a TEXT summary of every finding, so
+    viewers that show only text still say what was found."""
     container = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.TextContentItem(
-                name=codes.DCM.Summary,
-                value=text,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        ]
+    items: list[Any] = [
+        hd.sr.CodeContentItem(
+            name=f.code.concept(),
+            value=_PRESENT if f.present else _ABSENT,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for f in findings
+    ]
+    items.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Summary,
+            value=text,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
     )
+    container.ContentSequence = hd.sr.ContentSequence(items)
     report[0].ContentSequence.append(container)
+
+
+# -- Regions from masks ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FocalComponent:
+    """One 26-connected component of a label: where it is largest."""
+
+    centroid_voxel: tuple[float, float, float]  # (slice, row, column)
+    slice_index: int  # the slice with its largest area
+    mask: np.ndarray  # bool (rows, cols): the component on that slice
+
+
+#: outlines are traced on a grid this many times finer than the pixels, so they
+#: follow the pixel edges to 1/8 pixel (the centres of the fine border cells)
+_OUTLINE_SUBPIXELS = 4
+
+
+def _fine_contours(mask: np.ndarray) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """External contours of ``mask`` on the fine grid, and the crop offset (row, col)."""
+    import cv2
+
+    m = np.asarray(mask, dtype=bool)
+    rows_hit = np.flatnonzero(m.any(axis=1))
+    cols_hit = np.flatnonzero(m.any(axis=0))
+    if rows_hit.size == 0:
+        return [], (0, 0)
+    r0, r1 = int(rows_hit[0]), int(rows_hit[-1]) + 1
+    c0, c1 = int(cols_hit[0]), int(cols_hit[-1]) + 1
+    k = _OUTLINE_SUBPIXELS
+    crop = m[r0:r1, c0:c1]
+    fine: np.ndarray[Any, np.dtype[np.uint8]] = np.zeros(
+        (crop.shape[0] * k + 2, crop.shape[1] * k + 2), dtype=np.uint8
+    )
+    fine[1:-1, 1:-1] = np.repeat(np.repeat(crop, k, axis=0), k, axis=1)  # one cell of padding
+    contours, _ = cv2.findContours(fine, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return list(contours), (r0, c0)
+
+
+def _to_image(points: np.ndarray, offset: tuple[int, int]) -> tuple[tuple[float, float], ...]:
+    """Fine-grid contour points (x, y) -> closed (column, row) image coordinates."""
+    k = _OUTLINE_SUBPIXELS
+    xy = points.reshape(-1, 2).astype(np.float64) - 1.0  # the padding
+    cols = offset[1] + (xy[:, 0] + 0.5) / k
+    rows = offset[0] + (xy[:, 1] + 0.5) / k
+    out = [(round(float(c), 3), round(float(r), 3)) for c, r in zip(cols, rows, strict=True)]
+    return (*out, out[0])
+
+
+def outline(mask: np.ndarray) -> tuple[tuple[float, float], ...] | None:
+    """The closed outline of the largest piece of a 2D mask along its pixel edges,
+    in image coordinates (column, row); None for an empty mask."""
+    import cv2
+
+    contours, offset = _fine_contours(mask)
+    if not contours:
+        return None
+    biggest = max(contours, key=cv2.contourArea)
+    simplified = cv2.approxPolyDP(biggest, 1.0, True)
+    if len(simplified) < 3:
+        simplified = biggest
+    return _to_image(simplified, offset)
+
+
+def hull(mask: np.ndarray) -> tuple[tuple[float, float], ...] | None:
+    """The closed convex hull of every piece of a 2D mask (both lungs in one
+    outline), in image coordinates (column, row); None for an empty mask."""
+    import cv2
+
+    contours, offset = _fine_contours(mask)
+    if not contours:
+        return None
+    return _to_image(cv2.convexHull(np.concatenate(contours)), offset)
+
+
+def focal_components(labels: np.ndarray, label_value: int) -> list[FocalComponent]:
+    """Each 26-connected component of ``label_value`` in a label volume
+    ``(slice, row, column)``, largest first: its centroid, the slice where its
+    area is largest and its mask there."""
+    from scipy import ndimage
+
+    mask = np.asarray(labels) == label_value
+    hits = [
+        np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in (0, 1, 2)
+    ]
+    if hits[0].size == 0:
+        return []
+    box = tuple(slice(int(h[0]), int(h[-1]) + 1) for h in hits)
+    pieces, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+    out: list[tuple[int, FocalComponent]] = []
+    for number, where in enumerate(ndimage.find_objects(pieces), start=1):
+        if where is None:
+            continue
+        comp = pieces[where] == number
+        areas = comp.reshape(comp.shape[0], -1).sum(axis=1)
+        k = int(np.argmax(areas))
+        z, y, x = (np.nonzero(comp)[axis].mean() for axis in range(3))
+        origin = [box[a].start + where[a].start for a in range(3)]
+        plane = np.zeros(mask.shape[1:], dtype=bool)
+        plane[origin[1] : origin[1] + comp.shape[1], origin[2] : origin[2] + comp.shape[2]] = comp[
+            k
+        ]
+        centroid = (float(z + origin[0]), float(y + origin[1]), float(x + origin[2]))
+        out.append((int(comp.sum()), FocalComponent(centroid, origin[0] + k, plane)))
+    out.sort(key=lambda item: -item[0])
+    return [c for _size, c in out]
+
+
+def largest_slice(labels: np.ndarray, label_value: int) -> tuple[int, np.ndarray] | None:
+    """The slice where ``label_value`` covers the largest area, and its mask there."""
+    mask = np.asarray(labels) == label_value
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    if areas.max(initial=0) == 0:
+        return None
+    k = int(np.argmax(areas))
+    return k, mask[k]
 
 
 # -- Key image ------------------------------------------------------------------
@@ -501,40 +782,88 @@ def _window(pixels: np.ndarray, modality: str) -> np.ndarray:
     return np.clip(scaled * 255.0, 0, 255).astype(np.uint8)
 
 
+def _outlines(mask: np.ndarray) -> list[tuple[tuple[float, float], ...]]:
+    """The closed outline of every piece of a 2D mask, in image coordinates."""
+    contours, offset = _fine_contours(mask)
+    return [_to_image(c, offset) for c in contours]
+
+
+#: the key image's text: yellow, the not-for-diagnosis line orange
+_TEXT = (255, 255, 0)
+_WARNING = (255, 140, 0)
+_OUTLINE = (255, 0, 0)
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(line: str, draw: Any, font: Any, width: int) -> list[str]:
+    """``line`` split at spaces into parts no wider than ``width`` (a single word
+    wider than that stays whole)."""
+    parts: list[str] = []
+    current = ""
+    for word in line.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and draw.textlength(candidate, font=font) > width:
+            parts.append(current)
+            current = word
+        else:
+            current = candidate
+    return [*parts, current]
+
+
 def render_key_image(
     pixels: np.ndarray,
     mask: np.ndarray | None,
     banner: Sequence[str],
     modality: str,
-    min_width: int = 512,
+    min_width: int = 768,
 ) -> tuple[np.ndarray, float]:
-    """An RGB uint8 image: the slice, the contour of ``mask`` in red and a banner on
-    top. Returns the image and the zoom factor applied to the slice."""
-    from PIL import Image, ImageDraw, ImageFont
-    from scipy import ndimage
+    """An RGB uint8 image: a black text band on top, the slice below it with the
+    outline of ``mask`` in red. Returns the image and the zoom applied to the slice.
+
+    The text stays in its own band, never over anatomy, centred and clear of the
+    band's corners, where viewers put their own overlay text (patient, series,
+    window, image number); its size follows the image width, so it reads the same
+    at any viewer zoom."""
+    from PIL import Image, ImageDraw
 
     grey = _window(pixels, modality)
     rgb = np.stack([grey, grey, grey], axis=-1)
-    if mask is not None and mask.any():
-        edge = mask & ~ndimage.binary_erosion(mask)
-        rgb[edge] = (255, 0, 0)
     zoom = max(1, int(np.ceil(min_width / max(1, rgb.shape[1]))))
     image = Image.fromarray(rgb, "RGB")
     if zoom > 1:
         image = image.resize((rgb.shape[1] * zoom, rgb.shape[0] * zoom), Image.Resampling.NEAREST)
+    if mask is not None and mask.any():
+        draw = ImageDraw.Draw(image)
+        stroke = max(2, zoom)
+        for polygon in _outlines(mask):
+            draw.line([(x * zoom, y * zoom) for x, y in polygon], fill=_OUTLINE, width=stroke)
     width = image.width
-    size = max(12, width // 40)
-    try:
-        font: Any = ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType
-        font = ImageFont.load_default()
-    line_h = size + 6
-    banner_h = line_h * len(banner) + 8
-    canvas = Image.new("RGB", (width, image.height + banner_h), (0, 0, 0))
-    canvas.paste(image, (0, banner_h))
+    usable = int(width * 0.64)  # 18 % margin each side: the viewer's corner overlays
+    size, smallest = max(12, width // 30), max(12, width // 48)
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    while size > smallest and max(probe.textlength(line, font=font) for line in banner) > usable:
+        size -= 1
+        font = _font(size)
+    banner = [part for line in banner for part in _wrap(line, probe, font, usable)]
+    line_h = int(size * 1.35)
+    pad = max(size // 2, 6)
+    band_h = 2 * pad + line_h * len(banner)
+    canvas = Image.new("RGB", (width, band_h + image.height), (0, 0, 0))
+    canvas.paste(image, (0, band_h))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(banner):
-        draw.text((6, 4 + i * line_h), line, fill=(255, 255, 0), font=font)
+        x = (width - draw.textlength(line, font=font)) / 2
+        colour = _WARNING if i == len(banner) - 1 else _TEXT
+        draw.text((x, pad + i * line_h), line, fill=colour, font=font)
     return np.asarray(canvas, dtype=np.uint8), float(zoom)
 
 
@@ -550,6 +879,8 @@ def build_key_image(
     series_number: int = KI_SERIES_NUMBER,
 ) -> Dataset:
     """An RGB Secondary Capture of one source slice with the overlay burned in."""
+    header = headers.prepare(source)  # checked patient/study/equipment attributes
+    source = header.dataset
     lines = [*banner, f"AI result - {NOT_FOR_DIAGNOSIS.upper()}"]
     rgb, zoom = render_key_image(pixels, mask, lines, str(source.get("Modality", "")))
     series_uid, sop_uid = ki_uids(uid_root, str(source.SOPInstanceUID), models)
@@ -578,8 +909,12 @@ def build_key_image(
             **_common_kwargs(source, f"AI key image ({NOT_FOR_DIAGNOSIS})"),
         )
     except (ValueError, TypeError) as exc:
-        raise ResultBuildError(f"key image: {exc}") from None
+        raise ResultBuildError(f"key image: {phi.describe(exc)}") from None
+    ds.copy_patient_and_study_information(source)  # as SR and SEG: the checked attributes
     ds.BurnedInAnnotation = "YES"
+    # the source's modality, not OT: viewers open a cine player over OT and US
+    # images (OHIF), and this is one frame of the source series
+    ds.Modality = str(source.get("Modality") or "OT")
     if source.get("BodyPartExamined"):
         ds.BodyPartExamined = source.BodyPartExamined
     if source.get("Laterality"):
@@ -593,6 +928,7 @@ def build_key_image(
     ds.ContentDate = DA(now.date())
     ds.ContentTime = TM(now.time().replace(microsecond=0))
     _stamp(ds, models)
+    header.apply_character_set(ds)
     return ds
 
 
@@ -615,7 +951,9 @@ __all__ = [
     "BuiltObject",
     "CodeSpec",
     "Finding",
+    "FocalComponent",
     "ModelSpec",
+    "PlanarRegion",
     "ResultBuildError",
     "SegInput",
     "SegmentSpec",
@@ -623,8 +961,13 @@ __all__ = [
     "build_key_image",
     "build_seg",
     "build_sr",
+    "focal_components",
+    "hull",
+    "largest_slice",
+    "outline",
     "seg_uids",
     "source_key",
     "sr_uids",
     "summary_text",
+    "whole_image_region",
 ]

@@ -126,6 +126,8 @@ class ListenerConfig:
     tls_key: Path | None = None
     #: CA bundle that client certificates must chain to (verification on)
     tls_ca: Path | None = None
+    #: SO_REUSEPORT: several listener processes share the ports
+    reuse_port: bool = False
 
     def guard_config(self, temp_dir: Path | None = None) -> guard.GuardConfig:
         return guard.GuardConfig(
@@ -139,6 +141,7 @@ class ListenerConfig:
             storage_root=self.storage_root,
             min_free_bytes=self.min_free_mb * 1024 * 1024,
             temp_dir=temp_dir,
+            reuse_port=self.reuse_port,
         )
 
 

@@ -5,12 +5,17 @@
 #   scripts/setup.sh venv       .venv with `pip install -e .[dev]` (redone when
 #                               pyproject.toml changes; a stamp file remembers)
 #   scripts/setup.sh system     Debian packages for the tests: dcmtk, dicom3tools,
-#                               redis-server, postgresql, orthanc, chromium,
-#                               chromium-driver (apt-get, as root)
+#                               redis-server, postgresql, orthanc, orthanc-dicomweb,
+#                               chromium, chromium-driver, npm (apt-get, as root)
+#   scripts/setup.sh viewer     OHIF's prebuilt viewer for the viewer test:
+#                               `npm pack @ohif/app@3.13.2` (the built app only, none
+#                               of its dependency tree), unpacked into the cache
 #   scripts/setup.sh services   start PostgreSQL and Redis if they are down
-#   scripts/setup.sh all        all three (the default)
+#   scripts/setup.sh all        all four (the default)
 #
-# Environment: VENV (default .venv), PYTHON (default python3).
+# Environment: VENV (default .venv), PYTHON (default python3), PACS_AI_OHIF_DIST
+# (an unpacked OHIF dist/ to use instead; default
+# ${XDG_CACHE_HOME:-~/.cache}/pacs-ai/ohif-3.13.2/package/dist).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -82,12 +87,43 @@ setup_system() {
     have chromium || missing+=(chromium)
     have chromedriver || missing+=(chromium-driver)
     have Orthanc || missing+=(orthanc) # a real PACS for the results round trip test
+    # the viewer test: OHIF reads our objects over Orthanc's DICOMweb
+    [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+    have npm || missing+=(npm) # only `npm pack`: fetches OHIF's prebuilt viewer
     have redis-server && have redis-cli || missing+=(redis-server)
     have psql && have pg_isready || missing+=(postgresql-client)
     # the test suite needs a local PostgreSQL server, not only the client
     compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null && have pg_ctlcluster ||
         missing+=(postgresql)
     [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+}
+
+# -- OHIF viewer (the viewer test) ---------------------------------------------
+
+OHIF_VERSION=3.13.2
+
+setup_viewer() {
+    local cache dist tmp
+    if [ -n "${PACS_AI_OHIF_DIST:-}" ]; then
+        [ -f "$PACS_AI_OHIF_DIST/index.html" ] ||
+            die "PACS_AI_OHIF_DIST=$PACS_AI_OHIF_DIST holds no index.html"
+        return 0
+    fi
+    cache="${XDG_CACHE_HOME:-$HOME/.cache}/pacs-ai"
+    dist="$cache/ohif-$OHIF_VERSION/package/dist"
+    [ -f "$dist/index.html" ] && return 0
+    have npm || die "npm not found; run scripts/setup.sh system as root, or apt-get install npm"
+    say "fetching OHIF $OHIF_VERSION's prebuilt viewer (npm pack @ohif/app@$OHIF_VERSION)"
+    mkdir -p "$cache"
+    tmp=$(mktemp -d "$cache/.ohif-XXXXXX")
+    if ! (cd "$tmp" && PATH=$SYSTEM_PATH npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null &&
+        tar -xzf ohif-app-"$OHIF_VERSION".tgz package/dist package/LICENSE); then
+        rm -rf "$tmp"
+        die "npm pack @ohif/app@$OHIF_VERSION failed"
+    fi
+    rm -f "$tmp"/ohif-app-"$OHIF_VERSION".tgz
+    rm -rf "$cache/ohif-$OHIF_VERSION"
+    mv "$tmp" "$cache/ohif-$OHIF_VERSION"
 }
 
 # -- PostgreSQL and Redis --------------------------------------------------------
@@ -137,12 +173,14 @@ for step in "$@"; do
     case $step in
     venv) setup_venv ;;
     system) setup_system ;;
+    viewer) setup_viewer ;;
     services) setup_services ;;
     all)
         setup_system
         setup_venv
+        setup_viewer
         setup_services
         ;;
-    *) die "unknown step '$step' (venv, system, services or all)" ;;
+    *) die "unknown step '$step' (venv, system, viewer, services or all)" ;;
     esac
 done

@@ -303,8 +303,8 @@ def test_access_control(api: ApiNode) -> None:
         assert api.get(path, headers=READ).status_code == 200, path
         assert api.get(path, headers=ADMIN).status_code == 200, path
     url = f"{api.base}/api/studies/{api.good_uid}/reprocess"
-    assert httpx.post(url).status_code == 401
-    forbidden = httpx.post(url, headers=READ)
+    assert httpx.post(url, json={}).status_code == 401
+    forbidden = httpx.post(url, headers=READ, json={})
     assert forbidden.status_code == 403 and "admin" in forbidden.json()["detail"]
     # the dashboard page itself carries no data and needs no token
     page = api.get("/", headers={})
@@ -502,8 +502,8 @@ def test_models_and_deliveries(api: ApiNode) -> None:
 
 def test_reprocess_endpoint(api: ApiNode) -> None:
     url = f"{api.base}/api/studies/{{}}/reprocess"
-    assert httpx.post(url.format(generate_uid()), headers=ADMIN).status_code == 404
-    response = httpx.post(url.format(api.bad_uid), headers=ADMIN)
+    assert httpx.post(url.format(generate_uid()), headers=ADMIN, json={}).status_code == 404
+    response = httpx.post(url.format(api.bad_uid), headers=ADMIN, json={})
     assert response.status_code == 202, response.text
     body = response.json()
     job = body["job"]
@@ -527,8 +527,8 @@ def test_resend_endpoint(api: ApiNode) -> None:
     before = api.json("/api/deliveries", study=api.good_uid, limit=1000)["items"]
     received = len(api.destination.received)
     url = f"{api.base}/api/studies/{api.good_uid}/resend"
-    assert httpx.post(url, headers=READ).status_code == 403
-    response = httpx.post(url, headers=ADMIN)
+    assert httpx.post(url, headers=READ, json={}).status_code == 403
+    response = httpx.post(url, headers=ADMIN, json={})
     assert response.status_code == 202, response.text
     assert sorted(response.json()["deliveries"]) == sorted(d["id"] for d in before)
     wait_for(
@@ -545,7 +545,10 @@ def test_resend_endpoint(api: ApiNode) -> None:
         what="deliveries sent again",
     )
     assert (
-        httpx.post(f"{api.base}/api/studies/{api.bad_uid}/resend", headers=ADMIN).status_code == 404
+        httpx.post(
+            f"{api.base}/api/studies/{api.bad_uid}/resend", headers=ADMIN, json={}
+        ).status_code
+        == 404
     )
 
 

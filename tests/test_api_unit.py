@@ -193,7 +193,7 @@ def sqlite_settings(tmp_path: Path) -> Settings:
 
 
 def test_app_on_sqlite(sqlite_settings: Settings) -> None:
-    client = TestClient(create_app(sqlite_settings))
+    client = TestClient(create_app(sqlite_settings), base_url="http://127.0.0.1")
     admin = {"Authorization": f"Bearer {ADMIN}"}
     read = {"Authorization": f"Bearer {READER}"}
     assert client.get("/healthz").status_code == 200
@@ -211,15 +211,15 @@ def test_app_on_sqlite(sqlite_settings: Settings) -> None:
     assert client.get("/api/models", headers=read).json() == []
     # writes: read-only token refused; admin creates a job; a second one is refused
     url = "/api/studies/1.2.3.1/reprocess"
-    assert client.post(url, headers=read).status_code == 403
-    created = client.post(url, headers=admin)
+    assert client.post(url, headers=read, json={}).status_code == 403
+    created = client.post(url, headers=admin, json={})
     assert created.status_code == 202, created.text
     assert created.json()["job"]["status"] == "queued"
-    again = client.post(url, headers=admin)
+    again = client.post(url, headers=admin, json={})
     assert again.status_code == 409 and "already has job" in again.json()["detail"]
-    assert client.post("/api/studies/9.9/reprocess", headers=admin).status_code == 404
-    assert client.post("/api/studies/1.2.3.1/resend", headers=read).status_code == 403
-    assert client.post("/api/studies/1.2.3.1/resend", headers=admin).status_code == 404
+    assert client.post("/api/studies/9.9/reprocess", headers=admin, json={}).status_code == 404
+    assert client.post("/api/studies/1.2.3.1/resend", headers=read, json={}).status_code == 403
+    assert client.post("/api/studies/1.2.3.1/resend", headers=admin, json={}).status_code == 404
     ready = client.get("/readyz", headers=read)
     assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
     text = client.get("/metrics", headers=read).text

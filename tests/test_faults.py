@@ -40,10 +40,12 @@ pytestmark = pytest.mark.integration
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 
-#: Short limits so that recovery happens in seconds (lease = task time limit).
+#: Short limits so that recovery happens in seconds (a job's lease is renewed by
+#: its heartbeat every quarter of it; a dead worker's expires).
 FAST = {
     "requeue_after_seconds": 2,
     "reconcile_interval": 0.5,
+    "job_lease_seconds": 4,
     "task_soft_time_limit": 5,
     "task_time_limit": 6,
 }

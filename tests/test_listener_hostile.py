@@ -337,7 +337,9 @@ def test_pacs_associates_while_many_idle_sockets_are_open(node_factory: NodeFact
 
 
 def test_per_host_cap_leaves_slots_for_other_hosts(node_factory: NodeFactory) -> None:
-    node = listener_node(node_factory, max_associations=4, max_associations_per_host=2)
+    node = listener_node(
+        node_factory, max_associations=4, max_associations_per_host=2, listener_processes=1
+    )
     held = []
     try:
         for _ in range(3):
@@ -545,3 +547,41 @@ def test_killed_listener_leaves_no_temp_files_after_restart(
     wait_for(lambda: incoming_files(node) == [], 10, what=".incoming empty after restart")
     assert list((node.storage / ".incoming").iterdir()) == []
     ordinary_sender_served(node)
+
+
+# -- several listener processes ------------------------------------------------------------
+
+
+def test_listener_processes_share_the_port(node_factory: NodeFactory) -> None:
+    import psutil
+
+    node = listener_node(node_factory, listener_processes=2)
+    parent = psutil.Process(listener_pid(node))
+    children = wait_for(lambda: parent.children(), 30, what="second listener process")
+    assert len(children) == 1
+    wait_for(
+        lambda: any(c.laddr.port == node.port for c in children[0].net_connections("tcp")),
+        30,
+        what="second process listening",
+    )
+    study = generate_uid()
+    results: list[list[int]] = []
+
+    def send(k: int) -> None:
+        results.append(send_datasets(node.port, [small_ct(10 * k + i, study) for i in range(10)]))
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [[0x0000] * 10] * 4
+    assert db_count(node, "instances") == 40
+    # a dead listener process is replaced; the port keeps answering meanwhile
+    children[0].kill()
+    children[0].wait(10)
+    ordinary_sender_served(node)
+    wait_for(lambda: [c for c in parent.children() if c.pid != children[0].pid], 30, what="restart")
+    # stopping the first process stops them all
+    node.stop("listen")
+    assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE

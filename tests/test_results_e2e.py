@@ -120,15 +120,20 @@ def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> No
         assert ds.Manufacturer == "pacs-ai"
         assert str(ds.SeriesDescription).startswith("AI")
 
-    # highdicom reads the finding, probability and volume back from the SR
+    # highdicom reads the finding, probability, volume and diameter back from the
+    # SR; every finding is drawn (a region on a source image)
     results = {
         (r["model"], r["finding"]): r for r in node.json("results", "list", "--study", study_uid)
     }
     report = hd.sr.srread(objects[SR_CLASS]).content
+    planar = report.get_planar_roi_measurement_groups()
+    for g in planar:
+        assert g.roi is not None
+        image = g.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert str(image.ReferencedSOPInstanceUID) in sources
     cls = results[("chest-ct-nodule-cls", "Lung nodule")]
-    (group,) = [
-        g for g in report.get_image_measurement_groups() if g.finding_type.meaning == "Lung nodule"
-    ]
+    (group,) = [g for g in planar if "chest-ct-nodule-cls" in str(g.tracking_identifier)]
+    assert group.finding_type.meaning == "Lung nodule"
     (certainty,) = group.get_measurements()
     assert certainty.value == pytest.approx(100 * cls["probability"], abs=0.01)
     assert certainty.unit.value == "%"
@@ -136,14 +141,33 @@ def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> No
         q for q in group.get_qualitative_evaluations() if q.name.meaning == "Lung nodule"
     ]
     assert presence.value.meaning == ("Present" if cls["present"] else "Absent")
-    volumes = {g.finding_type.meaning: g for g in report.get_volumetric_roi_measurement_groups()}
-    for finding in ("Lung", "Lung nodule"):
-        row = results[("chest-ct-lung-seg", finding)]
-        measured = {m.name.meaning: m for m in volumes[finding].get_measurements()}
-        assert measured["Volume"].value == pytest.approx(
-            row["measurements"]["volume_ml"], abs=0.001
-        )
+    (lung,) = report.get_volumetric_roi_measurement_groups()  # with the SEG segment
+    assert lung.finding_type.meaning == "Lung" and lung.referenced_segment is not None
+    (volume,) = lung.get_measurements()
+    lung_row = results[("chest-ct-lung-seg", "Lung")]
+    assert volume.value == pytest.approx(lung_row["measurements"]["volume_ml"], abs=0.001)
+    assert volume.unit.value == "cm3"
+    nodule_row = results[("chest-ct-lung-seg", "Lung nodule")]
+    components = nodule_row["measurements"]["components"]
+    assert components  # the phantom's 16 mm nodule is found
+    nodules = [
+        g
+        for g in planar
+        if g.finding_type.meaning == "Lung nodule"
+        and "chest-ct-lung-seg" in str(g.tracking_identifier)
+    ]
+    assert len(nodules) == len(components)
+    for g, component in zip(nodules, components, strict=True):
+        measured = {m.name.meaning: m for m in g.get_measurements()}
+        assert measured["Volume"].value == pytest.approx(component["volume_ml"], abs=0.001)
         assert measured["Volume"].unit.value == "cm3"
+        assert measured["Diameter"].value == pytest.approx(component["max_diameter_mm"], abs=0.01)
+        assert measured["Diameter"].unit.value == "mm"
+
+    # the key image: one frame, the source's modality (no cine), the text in its band
+    ki = dcmread(objects[SC_CLASS])
+    assert int(ki.get("NumberOfFrames", 1)) == 1 and ki.Modality == "CT"
+    assert "diameter" in str(ki.ImageComments) and "NOT FOR DIAGNOSTIC USE" in ki.ImageComments
 
     # each SEG frame references a source instance at its position
     seg = dcmread(objects[SEG_CLASS])

@@ -6,7 +6,9 @@ from __future__ import annotations
 import datetime as dt
 import random
 import subprocess
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -19,18 +21,24 @@ from dicomnode.results import (
     CodeSpec,
     Finding,
     ModelSpec,
+    PlanarRegion,
     SegInput,
     SegmentSpec,
     best_slice,
     build_key_image,
     build_seg,
     build_sr,
+    focal_components,
+    hull,
+    largest_slice,
+    outline,
+    render_key_image,
     summary_text,
 )
 from dicomnode.scu import classify_status
 from dicomnode.uids import DEFAULT_UID_ROOT, InvalidUID, derived_uid, validate_uid
 from tests.conftest import have
-from worker.phantoms import generate_chest_ct, phantom_to_datasets
+from worker.phantoms import Nodule, generate_chest_ct, phantom_to_datasets, sample_geometry
 from worker.volume import load_series
 
 LUNG = CodeSpec("39607008", "SCT", "Lung")
@@ -45,14 +53,35 @@ SEGMENTS = [
 ]
 
 
+def two_nodules(seed: int, **overrides: Any) -> list[Nodule]:
+    """Two nodules, one in each lung of phantom ``seed`` (16 and 11 mm)."""
+    geo = sample_geometry(seed, **overrides)
+    z_mid = float(np.mean(geo.slab))
+    right, left = geo.lungs
+    return [
+        Nodule((right.center[0], right.center[1], z_mid), 16.0, 0),
+        Nodule((left.center[0], left.center[1] + 0.3 * left.axes[1], z_mid), 11.0, 1),
+    ]
+
+
 def _series(
-    folder: Path, order: str = "as-is", seed: int = 5_000_001, slices: int = 12
+    folder: Path,
+    order: str = "as-is",
+    seed: int = 5_000_001,
+    slices: int = 12,
+    nodules: int = 1,
 ) -> tuple[list[Path], dict[str, np.ndarray], list[Dataset]]:
-    """A small nodule phantom written in the given file order; returns the paths,
-    each instance's true label mask by SOP Instance UID, and the datasets."""
-    phantom = generate_chest_ct(
-        seed, matrix=96, slices=slices, nodule=True, nodule_diameter_mm=15.0
-    )
+    """A small phantom (``nodules``: 0, 1 or 2) written in the given file order;
+    returns the paths, each instance's true label mask by SOP Instance UID, and
+    the datasets."""
+    shape: dict[str, Any] = {"matrix": 96, "slices": slices}
+    if nodules == 2:
+        shape["nodules"] = two_nodules(seed, thickness_mm=3.0, **shape)
+        shape["thickness_mm"] = 3.0
+    else:
+        shape["nodule"] = nodules == 1
+        shape["nodule_diameter_mm"] = 15.0 if nodules else None
+    phantom = generate_chest_ct(seed, **shape)
     datasets = phantom_to_datasets(phantom, seed=seed)
     n = phantom.hu.shape[0]
     # instance 1 is the top slice (k = n - 1)
@@ -175,12 +204,59 @@ def _code(item: Dataset) -> tuple[str, str]:
     return str(c.CodeValue), str(c.CodingSchemeDesignator)
 
 
+def _drawn(seg_in: SegInput, findings: list[Finding]) -> list[Finding]:
+    """``findings`` with the segmentation ones drawn as the worker draws them: each
+    nodule outlined on the slice where it is largest, the lungs' hull on theirs."""
+    uids = [str(ds.SOPInstanceUID) for ds in seg_in.source]
+    out: list[Finding] = []
+    for f in findings:
+        if f.kind != "segmentation" or not f.present:
+            out.append(f)
+        elif f.focal:
+            comps = focal_components(seg_in.labels, 2)
+            for i, c in enumerate(comps, start=1):
+                points = outline(c.mask)
+                assert points is not None
+                out.append(
+                    replace(
+                        f,
+                        region=PlanarRegion(uids[c.slice_index], points),
+                        component=i,
+                        components=len(comps),
+                    )
+                )
+        else:
+            best = largest_slice(seg_in.labels, 1)
+            assert best is not None
+            points = hull(best[1])
+            assert points is not None
+            out.append(replace(f, region=PlanarRegion(uids[best[0]], points)))
+    return out
+
+
+def _groups_by_tracking_uid(sr: Dataset) -> dict[str, list[Dataset]]:
+    """Imaging Measurements' groups merged by Tracking Unique Identifier, as OHIF
+    merges them before drawing."""
+    root = sr.ContentSequence
+    groups = _item(root, "Imaging Measurements").ContentSequence
+    merged: dict[str, list[Dataset]] = {}
+    for group in groups:
+        uid = str(_item(group.ContentSequence, "Tracking Unique Identifier").UID)
+        merged.setdefault(uid, []).extend(group.ContentSequence)
+    return merged
+
+
+def _scoords(items: list[Dataset]) -> list[Dataset]:
+    return [i for i in items if i.ValueType in {"SCOORD", "SCOORD3D"}]
+
+
 def test_sr_content_tree(tmp_path: Path) -> None:
     paths, truth, _ = _series(tmp_path / "s")
     seg_in, _volume = _seg_input(paths, truth)
     seg = build_seg(seg_in, "2.25")
     key = str(seg_in.source[5].SOPInstanceUID)
-    sr = build_sr(_findings(key), seg_in.source, {SEG_MODEL.name: seg}, "2.25")
+    findings = _drawn(seg_in, _findings(key))
+    sr = build_sr(findings, seg_in.source, {SEG_MODEL.name: seg}, "2.25")
 
     # header: same patient and study, a new series, our identity
     src = seg_in.source[0]
@@ -202,17 +278,34 @@ def test_sr_content_tree(tmp_path: Path) -> None:
     assert _item(root, "Device Observer Name").TextValue == "pacs-ai"
     assert _code(_item(root, "Procedure reported")) == ("24627-2", "LN")
     groups = _item(root, "Imaging Measurements").ContentSequence
-    assert len(groups) == 4
-    cls_nodule, cls_lung, seg_lung, seg_nodule = groups
+    # the nodule first (viewers open on the first group), the lungs (region + SEG
+    # segment), the classifier's nodule. The classifier's "Lung" has no slice to
+    # draw on: a qualitative evaluation.
+    assert [g.ContentTemplateSequence[0].TemplateIdentifier for g in groups] == [
+        "1410",
+        "1410",
+        "1411",
+        "1410",
+    ]
+    seg_nodule, lung_region, lung_volume, cls_nodule = groups
     for group in groups:
         algo = _item(group.ContentSequence, "Algorithm Name")
         version = _item(group.ContentSequence, "Algorithm Version")
         assert algo.TextValue in {SEG_MODEL.name, CLS_MODEL.name}
         assert version.TextValue in {SEG_MODEL.version, CLS_MODEL.version}
 
-    # TID 1501: finding, finding site, certainty in %, present / absent
+    # every group is drawn: merged by tracking UID (as OHIF does), each has a
+    # region on a source image
+    merged = _groups_by_tracking_uid(sr)
+    assert len(merged) == 3
+    for items in merged.values():
+        (scoord,) = _scoords(items)
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        assert str(ref.ReferencedSOPInstanceUID) in truth
+
+    # the classifier: finding, finding site, certainty in %, present, the whole
+    # slice that drove it
     items = cls_nodule.ContentSequence
-    assert cls_nodule.ContentTemplateSequence[0].TemplateIdentifier == "1501"
     assert _code(_item(items, "Finding")) == ("786838002", "SCT")
     assert _code(_item(items, "Finding Site")) == ("39607008", "SCT")
     certainty = _item(items, "Certainty of Finding")
@@ -222,45 +315,70 @@ def test_sr_content_tree(tmp_path: Path) -> None:
     assert value.MeasurementUnitsCodeSequence[0].CodeValue == "%"
     assert value.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
     assert _code(_item(items, "Lung nodule")) == ("52101004", "SCT")  # Present
-    image = [i for i in items if i.ValueType == "IMAGE"][0]
-    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key
-    assert _code(_item(cls_lung.ContentSequence, "Lung")) == ("272519000", "SCT")  # Absent
+    (region,) = _scoords(items)
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key
+    assert region.GraphicType == "POLYLINE"
+    rows, cols = int(seg_in.source[5].Rows), int(seg_in.source[5].Columns)
+    xs, ys = region.GraphicData[0::2], region.GraphicData[1::2]
+    assert (min(xs), min(ys), max(xs), max(ys)) == (0.5, 0.5, cols - 0.5, rows - 0.5)
+    assert "chest-ct-nodule-cls" in _item(items, "Tracking Identifier").TextValue
 
-    # TID 1411: volume in cm3, longest diameter in mm, referencing the SEG segment
-    assert seg_nodule.ContentTemplateSequence[0].TemplateIdentifier == "1411"
+    # the nodule: its outline on the slice where it is largest, over the nodule;
+    # maximum diameter in mm, volume in cm3 with the SEG segment as its source
     items = seg_nodule.ContentSequence
-    volume = _item(items, "Volume").MeasuredValueSequence[0]
-    assert float(volume.NumericValue) == pytest.approx(1.812)
-    assert volume.MeasurementUnitsCodeSequence[0].CodeValue == "cm3"
+    (region,) = _scoords(items)
+    assert region.GraphicType == "POLYLINE"
+    uid = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    areas = {u: int((m == 2).sum()) for u, m in truth.items()}
+    assert areas[uid] == max(areas.values())
+    _assert_outlines(region.GraphicData, truth[uid] == 2)
+    assert _item(items, "Tracking Identifier").TextValue.startswith("Lung nodule 1 of 1")
+    volume = _item(items, "Volume")
+    assert float(volume.MeasuredValueSequence[0].NumericValue) == pytest.approx(1.812)
+    assert volume.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "cm3"
+    source = _item(volume.ContentSequence, "Source of Measurement").ReferencedSOPSequence[0]
+    assert source.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    assert int(source.ReferencedSegmentNumber) == 2
     diameter = _item(items, "Diameter")
     assert float(diameter.MeasuredValueSequence[0].NumericValue) == pytest.approx(15.4)
     assert diameter.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm"
     assert _code(_item(diameter.ContentSequence, "Derivation")) == ("56851009", "SCT")
-    ref = _item(items, "Referenced Segment").ReferencedSOPSequence[0]
+    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "786838002"
+
+    # the lungs: the region (hull of both lungs on their largest slice) and the
+    # TID 1411 group with the volume, referencing the SEG segment; one tracking UID
+    assert _item(lung_region.ContentSequence, "Tracking Unique Identifier").UID == (
+        _item(lung_volume.ContentSequence, "Tracking Unique Identifier").UID
+    )
+    assert not [i for i in lung_region.ContentSequence if i.ValueType == "NUM"]
+    (region,) = _scoords(lung_region.ContentSequence)
+    uid = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    lung_areas = {u: int((m == 1).sum()) for u, m in truth.items()}
+    assert lung_areas[uid] == max(lung_areas.values())
+    ref = _item(lung_volume.ContentSequence, "Referenced Segment").ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert ref.ReferencedSOPClassUID == seg.SOPClassUID
-    assert int(ref.ReferencedSegmentNumber) == 2
-    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "786838002"
+    assert int(ref.ReferencedSegmentNumber) == 1
+    lung_ml = _item(lung_volume.ContentSequence, "Volume").MeasuredValueSequence[0]
+    assert float(lung_ml.NumericValue) == pytest.approx(2512.5)
     assert not [
         i
-        for i in seg_lung.ContentSequence
+        for i in lung_volume.ContentSequence
         if i.ConceptNameCodeSequence[0].CodeMeaning == "Diameter"
     ]
-    assert (
-        int(
-            _item(seg_lung.ContentSequence, "Referenced Segment")
-            .ReferencedSOPSequence[0]
-            .ReferencedSegmentNumber
-        )
-        == 1
-    )
 
-    # the human-readable summary, for viewers that show only text
-    summary = _item(_item(root, "Qualitative Evaluations").ContentSequence, "Summary")
+    # findings without a region, and the human-readable summary: Qualitative
+    # Evaluations, outside the measurement groups
+    evaluations = _item(root, "Qualitative Evaluations").ContentSequence
+    assert _code(_item(evaluations, "Lung")) == ("272519000", "SCT")  # Absent
+    summary = _item(evaluations, "Summary")
     assert summary.ValueType == "TEXT"
     assert "Lung nodule: present, certainty 87 %" in summary.TextValue
+    assert "Lung nodule 1 of 1: present, longest diameter 15.4 mm, volume 1.81" in (
+        summary.TextValue
+    )
     assert "not for diagnostic use" in summary.TextValue
-    assert summary.TextValue == summary_text(_findings(key))
+    assert summary.TextValue == summary_text(findings)
 
     # evidence: the source instances and the SEG
     evidence = {
@@ -271,18 +389,131 @@ def test_sr_content_tree(tmp_path: Path) -> None:
     }
     assert str(seg.SOPInstanceUID) in evidence and key in evidence
 
-    # highdicom reads it back
+    # highdicom reads back finding, certainty, volume and diameter
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     report = hd.sr.srread(path).content
-    (group,) = [
-        g for g in report.get_image_measurement_groups() if g.finding_type.value == "786838002"
-    ]
+    planar = report.get_planar_roi_measurement_groups()
+    (group,) = [g for g in planar if CLS_MODEL.name in str(g.tracking_identifier)]
+    assert group.finding_type.value == "786838002"
     assert group.get_measurements()[0].value == pytest.approx(87.3)
-    vols = report.get_volumetric_roi_measurement_groups()
-    assert {g.finding_type.meaning for g in vols} == {"Lung", "Lung nodule"}
+    (nodule,) = [g for g in planar if g.finding_type.meaning == "Lung nodule" and g is not group]
+    measured = {m.name.meaning: m.value for m in nodule.get_measurements()}
+    assert measured == {"Diameter": pytest.approx(15.4), "Volume": pytest.approx(1.812)}
+    assert nodule.roi is not None and nodule.roi.graphic_type.value == "POLYLINE"
+    (vol,) = report.get_volumetric_roi_measurement_groups()
+    assert vol.finding_type.meaning == "Lung"
+    assert vol.get_measurements()[0].value == pytest.approx(2512.5)
+    assert vol.referenced_segment is not None
     if have("dciodvfy"):
         assert _dciodvfy(path) == []
+    if have("dsr2html"):
+        html = _dsr2html(path)
+        for text in ("Lung nodule 1 of 1", "15.4 mm", "1.812 cm3", "2512.5 cm3", "87.3 %"):
+            assert text in html, text
+
+
+def _dsr2html(path: Path) -> str:
+    out = subprocess.run(["dsr2html", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _assert_outlines(graphic_data: Any, mask: np.ndarray) -> None:
+    """The closed polygon lies on the mask's border (within a pixel) and encloses
+    its area."""
+    xy = np.asarray(graphic_data, dtype=np.float64).reshape(-1, 2)
+    assert np.array_equal(xy[0], xy[-1])  # closed
+    x, y = xy[:, 0], xy[:, 1]
+    area = 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+    assert area == pytest.approx(mask.sum(), rel=0.2)
+    rows, cols = np.nonzero(mask)
+    assert x.min() >= cols.min() - 0.01 and x.max() <= cols.max() + 1.01
+    assert y.min() >= rows.min() - 0.01 and y.max() <= rows.max() + 1.01
+    # its centre is inside the mask
+    assert mask[int(y.mean()), int(x.mean())]
+
+
+@pytest.mark.parametrize("nodules", [0, 2])
+def test_sr_draws_every_finding(tmp_path: Path, nodules: int) -> None:
+    """No nodule, two nodules: every measurement group has a region (OHIF draws
+    a group by its region and fails on one without), each nodule is outlined
+    over itself on the slice where it is largest."""
+    paths, truth, _ = _series(tmp_path / "s", nodules=nodules, seed=5_000_003)
+    seg_in, _volume = _seg_input(paths, truth)
+    seg = build_seg(seg_in, "2.25")
+    key = str(seg_in.source[4].SOPInstanceUID)
+    findings = _findings(key)
+    if nodules == 0:
+        findings = [
+            replace(f, present=False, volume_ml=0.0, longest_diameter_mm=None) if f.focal else f
+            for f in findings
+        ]
+    drawn = _drawn(seg_in, findings)
+    sr = build_sr(drawn, seg_in.source, {SEG_MODEL.name: seg}, "2.25")
+    merged = _groups_by_tracking_uid(sr)
+    for items in merged.values():
+        assert len(_scoords(items)) == 1
+    labelled = [
+        items
+        for items in merged.values()
+        if _item(items, "Tracking Identifier").TextValue.startswith("Lung nodule ")
+        and "chest-ct-lung-seg" in _item(items, "Tracking Identifier").TextValue
+    ]
+    assert len(labelled) == nodules
+    for items in labelled:
+        (region,) = _scoords(items)
+        uid = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        _assert_outlines(region.GraphicData, _component_at(truth[uid] == 2, region.GraphicData))
+        assert {
+            i.ConceptNameCodeSequence[0].CodeMeaning for i in items if i.ValueType == "NUM"
+        } == {
+            "Diameter",
+            "Volume",
+        }
+    evaluations = _item(sr.ContentSequence, "Qualitative Evaluations").ContentSequence
+    if nodules == 0:
+        # the segmentation's "Lung nodule: absent" has nothing to draw
+        absent = [
+            i
+            for i in evaluations
+            if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Lung nodule"
+        ]
+        assert [_code(i) for i in absent] == [("272519000", "SCT")]
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    if have("dciodvfy"):
+        assert _dciodvfy(path) == []
+
+
+def _component_at(mask: np.ndarray, graphic_data: Any) -> np.ndarray:
+    """The 2D piece of ``mask`` under the centre of a polygon."""
+    from scipy import ndimage
+
+    xy = np.asarray(graphic_data, dtype=np.float64).reshape(-1, 2)
+    pieces, _ = ndimage.label(mask)
+    number = pieces[int(xy[:, 1].mean()), int(xy[:, 0].mean())]
+    assert number > 0, "the outline's centre is not on the nodule"
+    return pieces == number
+
+
+def test_outline_and_hull_follow_pixel_edges() -> None:
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[5:9, 10:16] = True  # a 4 x 6 rectangle: 24 pixels
+    mask[12:14, 2:4] = True  # a smaller second piece
+    points = outline(mask)
+    assert points is not None and points[0] == points[-1]
+    xy = np.asarray(points)
+    assert xy[:, 0].min() == pytest.approx(10.125) and xy[:, 0].max() == pytest.approx(15.875)
+    assert xy[:, 1].min() == pytest.approx(5.125) and xy[:, 1].max() == pytest.approx(8.875)
+    _assert_outlines(points, mask & (np.arange(30) >= 10)[None, :])
+    around = np.asarray(hull(mask))
+    assert around[:, 0].min() == pytest.approx(2.125) and around[:, 1].max() == pytest.approx(
+        13.875
+    )
+    assert outline(np.zeros((4, 4), dtype=bool)) is None
+    with pytest.raises(ValueError, match="closed"):
+        PlanarRegion("1.2.3", ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0)))
 
 
 # -- SEG geometry -------------------------------------------------------------------
@@ -327,34 +558,92 @@ def test_seg_frames_reference_the_right_slices(tmp_path: Path, order: str) -> No
 
 
 def test_key_image(tmp_path: Path) -> None:
+    from worker.reporting import key_image_lines
+
     paths, truth, _ = _series(tmp_path / "s")
     seg_in, volume = _seg_input(paths, truth)
     best = best_slice(seg_in.labels, SEGMENTS)
     assert best is not None
     k, mask = best
     assert mask.sum() == max((t == 2).sum() for t in truth.values())  # the nodule's widest slice
+    findings = _drawn(seg_in, _findings(str(seg_in.source[k].SOPInstanceUID)))
+    (nodule,) = [f for f in findings if f.component == 1]
+    lines = key_image_lines(nodule, findings)
+    assert lines == [
+        "Lung nodule 1 of 1: diameter 15.4 mm, volume 1.81 cm3",
+        "Lung nodule probability 87 % (chest-ct-nodule-cls 2.1.0)",
+        "outline: chest-ct-lung-seg 1.0.0",
+    ]
     ki = build_key_image(
         seg_in.source[k],
         volume.pixels[k],  # type: ignore[attr-defined]
         mask,
-        ["Lung nodule 1.81 cm3", "chest-ct-lung-seg 1.0.0"],
+        lines,
         [SEG_MODEL],
         "2.25",
         volume.row_dir,  # type: ignore[attr-defined]
         volume.col_dir,  # type: ignore[attr-defined]
     )
-    assert ki.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert ki.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # single-frame Secondary Capture
+    assert int(ki.get("NumberOfFrames", 1)) == 1
+    # the source's modality: OHIF plays OT and US images as cine
+    assert ki.Modality == "CT"
     assert ki.PhotometricInterpretation == "RGB" and ki.BurnedInAnnotation == "YES"
     assert ki.StudyInstanceUID == seg_in.source[0].StudyInstanceUID
     assert "NOT FOR DIAGNOSTIC USE" in ki.ImageComments
+    assert "Lung nodule 1 of 1: diameter 15.4 mm, volume 1.81 cm3" in ki.ImageComments
     assert ki.SourceImageSequence[0].ReferencedSOPInstanceUID == seg_in.source[k].SOPInstanceUID
-    pixels = ki.pixel_array
-    red = (pixels[..., 0] == 255) & (pixels[..., 1] == 0) & (pixels[..., 2] == 0)
-    assert red.any()  # the contour is burned in
+    _assert_key_image_layout(ki.pixel_array)
     path = tmp_path / "ki.dcm"
     ki.save_as(path, enforce_file_format=True)
     if have("dciodvfy"):
         assert _dciodvfy(path) == []
+
+
+def _assert_key_image_layout(pixels: np.ndarray) -> int:
+    """The text is in a black band of its own on top, centred and clear of the
+    corners (where viewers put their overlays); the outline is on the image.
+    Returns the band's height."""
+    r, g, b = (pixels[..., i].astype(int) for i in range(3))
+    grey = (r == g) & (g == b) & (r > 20)
+    band = int(np.argmax(grey.any(axis=1)))  # the first row of the slice
+    assert band > 0
+    assert not pixels[:band][~((r[:band] > 0) & (b[:band] < r[:band]))].any()  # black + text
+    text = (r > 120) & (b < 60) & (g > 60)  # yellow and orange, antialiased
+    rows, cols = np.nonzero(text)
+    assert rows.size and rows.max() < band  # all text in the band, none over the image
+    width = pixels.shape[1]
+    assert cols.min() > 0.17 * width and cols.max() < 0.83 * width
+    assert band / pixels.shape[0] < 0.3  # the image keeps most of the height
+    # lines of a readable size: a capital is at least 1.3 % of the width tall
+    # (10 px of 768, 13 px on a 1000 px wide viewport)
+    first_line = np.flatnonzero(np.diff(np.unique(rows)) > 1)
+    line_end = np.unique(rows)[first_line[0]] if first_line.size else rows.max()
+    assert line_end - rows.min() + 1 >= 0.013 * width
+    red = (r == 255) & (g == 0) & (b == 0)
+    red_rows, _ = np.nonzero(red)
+    assert red_rows.size and red_rows.min() >= band  # the outline is on the slice
+    return band
+
+
+def test_key_image_text_fits_its_band() -> None:
+    """Long lines shrink to fit between the corners; a mask outline is drawn."""
+    pixels = np.full((256, 256), -1000.0, dtype=np.float32)
+    pixels[80:180, 60:200] = 40.0
+    mask = np.zeros((256, 256), dtype=bool)
+    mask[100:120, 100:130] = True
+    lines = [
+        "Lung nodule 1 of 12: diameter 15.4 mm, volume 1.81 cm3 and a long tail of words",
+        "outline: chest-ct-lung-seg 1.0.0",
+        "AI result - NOT FOR DIAGNOSTIC USE",
+    ]
+    rgb, zoom = render_key_image(pixels, mask, lines, "CT")
+    assert zoom == 3 and rgb.shape[1] == 768
+    band = _assert_key_image_layout(rgb)
+    # the long line was wrapped (4 lines of text), not shrunk below a readable size
+    r, g, b = (rgb[:band, :, i].astype(int) for i in range(3))
+    rows = np.unique(np.nonzero((r > 120) & (b < 60) & (g > 60))[0])
+    assert int(np.sum(np.diff(rows) > 1)) + 1 == 4
 
 
 # -- destinations and statuses ---------------------------------------------------------
@@ -448,3 +737,68 @@ def test_delivery_rows_backoff_and_idempotence(tmp_path: Path) -> None:
         assert reset_deliveries(s, study_uid="1.2.3") == [first]  # resend
     settings = load_settings(delivery_retry_base=2, delivery_retry_max=60)
     assert [backoff_seconds(n, settings) for n in (1, 2, 3, 6, 10)] == [2, 4, 8, 60, 60]
+
+
+# -- the worker's findings: one per nodule, drawn where it is largest --------------------------
+
+
+def test_worker_draws_each_nodule(tmp_path: Path) -> None:
+    from worker import postprocess
+    from worker.registry import DEMO_MODELS_DIR, load_manifest
+    from worker.reporting import ModelResult, drawn_findings_of, findings_of
+
+    paths, truth, _ = _series(tmp_path / "s", nodules=2, seed=5_000_005)
+    seg_in, volume = _seg_input(paths, truth)
+    manifest = load_manifest(DEMO_MODELS_DIR / "chest-ct-lung-seg.json")
+    labels = seg_in.labels.copy()
+    comps = postprocess.components(labels, 2, volume.spacing)  # type: ignore[attr-defined]
+    assert len(comps) == 2
+    rows: list[dict[str, Any]] = []
+    for label in manifest.labels:
+        measurements: dict[str, Any] = {"volume_ml": 1.0}
+        if label.focal:
+            measurements["count"] = 2
+            measurements["components"] = [  # the pipeline's order: largest first
+                {
+                    "volume_ml": round(c.volume_ml, 3),
+                    "max_diameter_mm": round(c.max_diameter_mm, 2),
+                    "centroid_voxel": list(c.centroid_voxel),
+                }
+                for c in comps
+            ]
+        rows.append(
+            {
+                "finding_code_value": label.code.value,
+                "finding_code_scheme": label.code.scheme,
+                "finding": label.code.meaning,
+                "label_value": label.value,
+                "probability": None,
+                "present": True,
+                "measurements": measurements,
+            }
+        )
+    result = ModelResult(manifest, "1.2.3", volume, rows, labels)  # type: ignore[arg-type]
+    drawn = drawn_findings_of(result)
+    nodules = [d for d in drawn if getattr(d, "finding", d).focal]
+    assert [d.finding.label for d in nodules] == ["Lung nodule 1 of 2", "Lung nodule 2 of 2"]  # type: ignore[union-attr]
+    uids = volume.sop_instance_uids  # type: ignore[attr-defined]
+    for d, comp in zip(nodules, comps, strict=True):
+        f = d.finding  # type: ignore[union-attr]
+        assert f.volume_ml == pytest.approx(comp.volume_ml, abs=0.001)
+        assert f.longest_diameter_mm == pytest.approx(comp.max_diameter_mm, abs=0.01)
+        assert f.region is not None and f.region.frame_number is None
+        k = d.slice_index  # type: ignore[union-attr]
+        assert f.region.sop_instance_uid == uids[k]
+        # the slice where this nodule is largest, the outline over this nodule
+        z0, z1 = comp.bbox[0], comp.bbox[3]
+        assert z0 <= k < z1
+        mask = _component_at(truth[uids[k]] == 2, f.region.points)
+        assert np.array_equal(mask, d.mask)  # type: ignore[union-attr]
+        _assert_outlines(f.region.points, mask)
+    (lung,) = [d for d in drawn if getattr(d, "finding", d).code == LUNG]
+    assert lung.finding.region is not None  # type: ignore[union-attr]
+    assert [f.label for f in findings_of(result)] == [
+        "Lung",
+        "Lung nodule 1 of 2",
+        "Lung nodule 2 of 2",
+    ]

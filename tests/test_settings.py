@@ -31,7 +31,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert s.port == 11112
     assert s.stable_seconds == 30.0
     assert s.allowed_aets == frozenset()
-    assert s.max_pdu_size == 0
+    assert s.max_pdu_size == 262144 and s.tls_port == 0 and s.max_associations == 32
     assert s.network_timeout == 60.0
     assert s.assembler_interval == 1.0
     assert s.reconcile_interval == 60.0
@@ -225,3 +225,38 @@ def test_deploy_examples_are_valid(monkeypatch: pytest.MonkeyPatch, name: str) -
     else:
         assert not s.is_filesystem_broker
         assert s.effective_database_url.startswith("postgresql")
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"PACS_AI_ALLOWED_HOSTS": "10.0.0.0/8, not-an-ip"}, "PACS_AI_ALLOWED_HOSTS"),
+        ({"PACS_AI_PORT": "0"}, "PACS_AI_TLS_PORT are both 0"),
+        ({"PACS_AI_TLS_PORT": "2762"}, "PACS_AI_LISTENER_TLS_CERT"),
+        ({"PACS_AI_MAX_PDU_SIZE": "0"}, "PACS_AI_MAX_PDU_SIZE"),
+        ({"PACS_AI_MAX_ASSOCIATIONS": "4", "PACS_AI_MAX_ASSOCIATIONS_PER_HOST": "8"}, "PER_HOST"),
+        ({"PACS_AI_LISTENER_TLS_CA": "/nonexistent/ca.pem"}, "PACS_AI_LISTENER_TLS_CA"),
+    ],
+)
+def test_listener_network_settings_refused_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], fragment: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_allowed_hosts_accepts_addresses_and_cidrs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.guard import ConnectionGuard, GuardConfig
+
+    monkeypatch.setenv("PACS_AI_ALLOWED_HOSTS", "10.1.0.0/16, 192.168.1.7 ,fd00::/8")
+    s = load_settings()
+    guard = ConnectionGuard(GuardConfig(allowed_hosts=s.allowed_host_list))
+    assert guard.host_allowed("10.1.200.3")
+    assert guard.host_allowed("::ffff:192.168.1.7")  # IPv4-mapped
+    assert guard.host_allowed("fd00::1")
+    assert not guard.host_allowed("10.2.0.1")
+    assert not guard.host_allowed("192.168.1.8")

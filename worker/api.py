@@ -12,6 +12,10 @@ endpoint except ``/healthz`` and the dashboard's static page needs
 token (``PACS_AI_API_TOKEN``; 403 for a read-only one from
 ``PACS_AI_API_READ_TOKENS``). A configured token is either the token itself or
 ``sha256:<hex digest of the token>``.
+
+With or without tokens, :mod:`worker.webguard` answers 421 to a ``Host`` header
+outside ``PACS_AI_API_ALLOWED_HOSTS`` (DNS rebinding) and 403 to a ``POST``
+without a JSON body or with a foreign ``Origin`` (cross-site requests).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the annotations of the
@@ -39,6 +43,7 @@ from db import queries
 from db.session import get_engine, session_scope
 from worker import metrics
 from worker.settings import Settings, SettingsError
+from worker.webguard import WebGuard, allowed_hosts
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +199,47 @@ def check_broker(settings: Settings) -> str | None:
     return None
 
 
+def storage_free_mb(settings: Settings) -> float:
+    """Free space of the storage file system, in MiB (measured on the nearest
+    existing folder while the storage is not created yet)."""
+    from dicomnode.storage import free_mb
+
+    path = settings.storage_path
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return free_mb(path)
+
+
+def storage_space(settings: Settings) -> dict[str, Any]:
+    """Free space of the storage file system against ``PACS_AI_MIN_FREE_MB``."""
+    free = storage_free_mb(settings)
+    return {
+        "free_mb": round(free, 1),
+        "min_free_mb": settings.min_free_mb,
+        "below_watermark": free < settings.min_free_mb,
+    }
+
+
+def check_storage(space: dict[str, Any] | None) -> str | None:
+    """None when the storage has room, else a short reason."""
+    if space is None:
+        return "free space unreadable"
+    if space["below_watermark"]:
+        return (
+            f"free space {space['free_mb']:.0f} MiB is below PACS_AI_MIN_FREE_MB="
+            f"{space['min_free_mb']} MiB; new instances are refused"
+        )
+    return None
+
+
+def _storage_space_or_none(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return storage_space(settings)
+    except OSError as exc:
+        log.warning("cannot read the storage's free space (%s)", type(exc).__name__)
+        return None
+
+
 def _static(name: str) -> str:
     return resources.files("worker").joinpath("static", name).read_text(encoding="utf-8")
 
@@ -239,6 +285,20 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(status_code=403, detail="this action needs an admin token")
         return role
 
+    def backlog(session: Session) -> list[dict[str, Any]]:
+        from db.models import utcnow
+
+        return queries.delivery_backlog(
+            session,
+            utcnow(),
+            dt.timedelta(minutes=settings.delivery_alert_minutes),
+            [d.name for d in settings.destination_list],
+        )
+
+    def backlog_rows() -> list[dict[str, Any]]:
+        with session_scope(url) as session:
+            return backlog(session)
+
     @contextmanager
     def db() -> Iterator[Session]:
         try:
@@ -273,6 +333,11 @@ def create_app(settings: Settings) -> FastAPI:
     Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="page size")]
     Offset = Annotated[int, Query(ge=0, description="items to skip")]
 
+    app.add_middleware(
+        WebGuard,
+        allowed=allowed_hosts(settings.api_host, settings.api_allowed_host_list),
+    )
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable[..., Any]) -> Response:
         response: Response = await call_next(request)
@@ -290,20 +355,35 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get(
         "/readyz",
         tags=["operations"],
-        summary="database and broker reachable (503 otherwise)",
-        responses={503: {"description": "database or broker unreachable"}},
+        summary="database and broker reachable, storage above its free-space watermark",
+        responses={
+            503: {
+                "description": "database or broker unreachable, or the storage's free "
+                "space below PACS_AI_MIN_FREE_MB"
+            }
+        },
     )
     def readyz(_: Read) -> JSONResponse:
-        checks = {"database": check_database(settings), "broker": check_broker(settings)}
+        space = _storage_space_or_none(settings)
+        checks = {
+            "database": check_database(settings),
+            "broker": check_broker(settings),
+            "storage": check_storage(space),
+        }
         ready = all(v is None for v in checks.values())
         body = {
             "status": "ready" if ready else "not ready",
             "checks": {k: v or "ok" for k, v in checks.items()},
+            "storage": space,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of this host")
     def metrics_endpoint(_: Read) -> Response:
+        def storage_bytes() -> tuple[float, float]:
+            mib = 1024 * 1024
+            return storage_free_mb(settings) * mib, float(settings.min_free_mb * mib)
+
         def counts() -> dict[str, dict[str, int]]:
             from db.models import DeliveryStatus, JobStatus
 
@@ -313,7 +393,13 @@ def create_app(settings: Settings) -> FastAPI:
             deliveries = {s.value: 0 for s in DeliveryStatus} | found.get("deliveries", {})
             return {"jobs": jobs, "deliveries": deliveries}
 
-        body, content_type = metrics.exposition([metrics.DatabaseCollector(counts)])
+        body, content_type = metrics.exposition(
+            [
+                metrics.DatabaseCollector(counts),
+                metrics.BacklogCollector(backlog_rows, settings.delivery_alert_minutes),
+                metrics.StorageCollector(storage_bytes),
+            ]
+        )
         return Response(body, media_type=content_type)
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -355,7 +441,8 @@ def create_app(settings: Settings) -> FastAPI:
     def jobs(
         _: Read,
         status: Annotated[
-            Literal["queued", "running", "done", "failed"] | None, Query(description="job status")
+            Literal["queued", "running", "done", "failed", "superseded"] | None,
+            Query(description="job status"),
         ] = None,
         study: Annotated[str | None, Query(description="Study Instance UID")] = None,
         limit: Limit = DEFAULT_LIMIT,
@@ -419,6 +506,22 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return _page(rows, limit, offset)
 
+    @app.get(
+        "/api/deliveries/backlog",
+        tags=["deliveries"],
+        summary="pending deliveries per destination, and those pending too long",
+    )
+    def deliveries_backlog(_: Read) -> dict[str, Any]:
+        with db() as session:
+            rows = backlog(session)
+        return {
+            "alert_minutes": settings.delivery_alert_minutes,
+            "max_age_hours": settings.delivery_max_age_hours,
+            "pending": sum(r["pending"] for r in rows),
+            "overdue": sum(r["overdue"] for r in rows),
+            "destinations": rows,
+        }
+
     @app.get("/api/models", tags=["models"], summary="registered models and their versions")
     def models(_: Read) -> list[dict[str, Any]]:
         return models_cache.rows()
@@ -432,7 +535,10 @@ def create_app(settings: Settings) -> FastAPI:
         summary="run the study again with the current models (admin)",
         responses={
             404: {"description": "no such study"},
-            409: {"description": "the study already has a queued or running job"},
+            409: {
+                "description": "the study already has a queued or running job, or its "
+                "files were pruned by retention"
+            },
         },
     )
     def reprocess(study_uid: str, _: Admin) -> dict[str, Any]:

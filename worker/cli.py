@@ -7,11 +7,14 @@ one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
 import logging
+import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -123,69 +126,195 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _listener_config(settings: Settings, processes: int) -> Any:
+    from dicomnode.scp import ListenerConfig
+
+    # Limits are per process: the kernel spreads connections over the processes
+    # that share the port, so each one takes its share of the association slots.
+    per_process = max(1, -(-settings.max_associations // processes))
+    return ListenerConfig(
+        ae_title=settings.ae_title,
+        host=settings.host,
+        port=settings.port,
+        storage_root=settings.storage_path,
+        database_url=settings.effective_database_url,
+        allowed_calling_aets=settings.allowed_aets,
+        max_pdu_size=settings.max_pdu_size,
+        network_timeout=settings.network_timeout,
+        maximum_associations=per_process,
+        max_associations_per_host=min(settings.max_associations_per_host, per_process),
+        association_timeout=settings.association_timeout,
+        max_instance_bytes=settings.max_instance_bytes,
+        allowed_hosts=settings.allowed_host_list,
+        min_free_mb=settings.min_free_mb,
+        tls_port=settings.tls_port,
+        tls_cert=settings.listener_tls_cert,
+        tls_key=settings.listener_tls_key,
+        tls_ca=settings.listener_tls_ca,
+        reuse_port=processes > 1,
+    )
+
+
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
-    from dicomnode.scp import ListenerConfig, StorageSCP
+    """The DICOM listener: PACS_AI_LISTENER_PROCESSES processes share the port
+    (SO_REUSEPORT); the first one also runs the scheduler (assembler,
+    reconciler, retention) and supervises the others."""
+    from dicomnode.scp import StorageSCP
     from worker import metrics
     from worker.celery_app import create_app
     from worker.scheduler import Scheduler
 
+    processes = int(args.processes or settings.effective_listener_processes)
+    helper = bool(args.no_scheduler)
+    if helper and args.processes:
+        _die_with_parent()
     _setup(settings, "listener")
     _check_schema(settings)
-    _setup_metrics(settings, serve=True)
-    scp = StorageSCP(
-        ListenerConfig(
-            ae_title=settings.ae_title,
-            host=settings.host,
-            port=settings.port,
-            storage_root=settings.storage_path,
-            database_url=settings.effective_database_url,
-            allowed_calling_aets=settings.allowed_aets,
-            max_pdu_size=settings.max_pdu_size,
-            network_timeout=settings.network_timeout,
-        ),
-        observer=metrics,
-    )
+    _setup_metrics(settings, serve=not helper)
+    scp = StorageSCP(_listener_config(settings, processes), observer=metrics)
     try:
         scp.start()
+    except ssl.SSLError as exc:
+        raise CliError(
+            f"cannot start DICOM TLS ({exc.reason or exc}); check PACS_AI_LISTENER_TLS_CERT, "
+            "PACS_AI_LISTENER_TLS_KEY and PACS_AI_LISTENER_TLS_CA"
+        ) from None
     except OSError as exc:
         raise CliError(
-            f"cannot listen on {settings.host}:{settings.port} ({exc.strerror}); "
-            "check PACS_AI_HOST and PACS_AI_PORT"
+            f"cannot listen on {settings.host} port {settings.port} or TLS port "
+            f"{settings.tls_port} ({exc.strerror}); check PACS_AI_HOST, PACS_AI_PORT "
+            "and PACS_AI_TLS_PORT"
         ) from None
-    scheduler = Scheduler(settings, create_app(settings))
-    scheduler.start()
+    scheduler = None if helper else Scheduler(settings, create_app(settings))
+    if scheduler is not None:
+        scheduler.start()
     stop = threading.Event()
+    others = _ListenerProcesses(processes - 1 if not helper else 0, stop)
+    others.start()
     try:
         _wait_for_signal(stop)
     finally:
+        others.stop()
         scp.stop()
-        scheduler.stop()
-        scheduler.join(timeout=10)
+        if scheduler is not None:
+            scheduler.stop()
+            scheduler.join(timeout=10)
     return 0
+
+
+def _die_with_parent() -> None:
+    """An extra listener process ends with the one that started it (Linux)."""
+    import ctypes
+    import ctypes.util
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # pragma: no cover - the parent died meanwhile
+        raise SystemExit(0)
+
+
+class _ListenerProcesses(threading.Thread):
+    """The extra listener processes of ``pacs-ai listen``: started, restarted
+    when one dies (at most once every 5 s each), stopped with the first."""
+
+    def __init__(self, count: int, stop: threading.Event) -> None:
+        super().__init__(name="pacs-ai-listener-supervisor", daemon=True)
+        self.count = count
+        self._stop_event = stop
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._spawned_at: list[float] = [0.0] * count
+        self._lock = threading.Lock()
+        self._closing = False
+
+    def _spawn(self, i: int) -> None:
+        argv = [sys.executable, "-m", "worker.cli", "listen", "--no-scheduler", "--processes"]
+        proc = subprocess.Popen([*argv, str(self.count + 1)])
+        self._procs[i] = proc
+        self._spawned_at[i] = time.monotonic()
+        log.info("started listener process %d of %d (pid %d)", i + 2, self.count + 1, proc.pid)
+
+    def run(self) -> None:
+        if not self.count:
+            return
+        with self._lock:
+            for i in range(self.count):
+                self._spawn(i)
+        while not self._stop_event.wait(0.5):
+            with self._lock:
+                if self._closing:
+                    return
+                for i, proc in enumerate(self._procs):
+                    if proc is not None and proc.poll() is not None:
+                        if time.monotonic() - self._spawned_at[i] < 5:
+                            continue
+                        log.error(
+                            "listener process %d (pid %d) exited with status %s; restarting",
+                            i + 2,
+                            proc.pid,
+                            proc.returncode,
+                        )
+                        self._spawn(i)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._closing = True
+            procs = [p for p in self._procs if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from worker.celery_app import DISPATCH_QUEUE, INFERENCE_QUEUE, create_app
     from worker.tasks import register_tasks
 
-    _setup(settings, "worker")
+    queue_list = [q.strip() for q in (args.queues or "").split(",") if q.strip()]
+    unknown = set(queue_list) - {INFERENCE_QUEUE, DISPATCH_QUEUE}
+    if unknown:
+        raise CliError(
+            f"unknown queue(s) {', '.join(sorted(unknown))}; "
+            f"--queues takes {INFERENCE_QUEUE}, {DISPATCH_QUEUE} or both"
+        )
+    queue_list = queue_list or [INFERENCE_QUEUE, DISPATCH_QUEUE]
+    dispatch_only = queue_list == [DISPATCH_QUEUE]
+    _setup(settings, "dispatcher" if dispatch_only else "worker")
+    if "delivery_max_attempts" in settings.model_fields_set:
+        log.warning(
+            "PACS_AI_DELIVERY_MAX_ATTEMPTS is ignored: transient delivery failures are "
+            "retried until PACS_AI_DELIVERY_MAX_AGE_HOURS (%g h)",
+            settings.delivery_max_age_hours,
+        )
     _check_schema(settings)
     _setup_metrics(settings, serve=True)
     app = create_app(settings)
     register_tasks(app)
-    queues = args.queues or f"{INFERENCE_QUEUE},{DISPATCH_QUEUE}"
+    default_concurrency = (
+        settings.dispatch_concurrency if dispatch_only else settings.worker_concurrency
+    )
+    default_name = {
+        INFERENCE_QUEUE: "pacs-ai-inference@%h",
+        DISPATCH_QUEUE: "pacs-ai-dispatch@%h",
+    }.get(",".join(queue_list), "pacs-ai@%h")
     argv = [
         "worker",
         "--queues",
-        queues,
+        ",".join(queue_list),
         "--concurrency",
-        str(args.concurrency or settings.worker_concurrency),
+        str(args.concurrency or default_concurrency),
         "--loglevel",
         settings.log_level,
         "--without-gossip",
         "--without-mingle",
         "--hostname",
-        args.hostname or "pacs-ai@%h",
+        args.hostname or default_name,
     ]
     if settings.is_filesystem_broker:
         argv.append("--without-heartbeat")
@@ -194,7 +323,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    """Embedded mode: migrate, then supervise a listener and a worker process."""
+    """Embedded mode: migrate, then supervise a listener, an inference worker, a
+    dispatch worker (its own process: a dead destination never holds up
+    inference, nor a long job a delivery) and the API."""
     from worker import metrics
     from worker.api import check_bind
 
@@ -205,14 +336,19 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "worker.cli"]
     specs = {
         "listener": [*base, "listen"],
-        "worker": [*base, "worker"],
+        "worker": [*base, "worker", "--queues", "inference"],
+        "dispatcher": [*base, "worker", "--queues", "dispatch"],
         "api": [*base, "api"],
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stop = threading.Event()
 
     def spawn(name: str) -> None:
-        procs[name] = subprocess.Popen(specs[name])
+        env = dict(os.environ)
+        if name != "listener":
+            # one process can serve PACS_AI_METRICS_PORT; the API serves them all anyway
+            env.pop("PACS_AI_METRICS_PORT", None)
+        procs[name] = subprocess.Popen(specs[name], env=env)
         log.info("started %s (pid %d)", name, procs[name].pid)
 
     def handler(signum: int, _frame: Any) -> None:
@@ -279,6 +415,7 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
             "num_instances",
             "status",
             "received_at",
+            "pruned_at",
         ],
     )
     return 0
@@ -526,7 +663,7 @@ def cmd_reprocess(settings: Settings, args: argparse.Namespace) -> int:
             for job_id, uid in list(pending.items()):
                 job = list_jobs(session, study_uid=uid, limit=None)
                 status = next((j["status"] for j in job if j["id"] == job_id), "failed")
-                if status in {"done", "failed"}:
+                if status in {"done", "failed", "superseded"}:
                     del pending[job_id]
                     progress.update(job_id, uid, status)
         if deadline is not None and time.monotonic() > deadline and pending:
@@ -568,6 +705,29 @@ def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deliveries_backlog(settings: Settings, args: argparse.Namespace) -> int:
+    """Pending deliveries per destination; overdue: pending longer than
+    PACS_AI_DELIVERY_ALERT_MINUTES. Exit status 1 when any is overdue (for checks)."""
+    _check_schema(settings)
+    from db.models import utcnow
+    from db.queries import delivery_backlog
+    from db.session import session_scope
+
+    with session_scope(settings.effective_database_url) as session:
+        rows = delivery_backlog(
+            session,
+            utcnow(),
+            dt.timedelta(minutes=settings.delivery_alert_minutes),
+            [d.name for d in settings.destination_list],
+        )
+    _print_rows(
+        rows,
+        args.json,
+        ["destination", "pending", "overdue", "oldest_pending_at", "last_error"],
+    )
+    return EXIT_FAILURE if any(r["overdue"] for r in rows) else 0
+
+
 def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     """Make the deliveries of a study (or job) pending again and queue them."""
     _check_schema(settings)
@@ -583,6 +743,43 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     sent = enqueue_deliveries(settings, ids, create_app(settings))
     note = "" if sent == len(ids) else " (the broker is unreachable; the listener will queue them)"
     print(f"{len(ids)} deliveries pending again{note}")
+    return 0
+
+
+def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    """Delete the stored files of studies past PACS_AI_RETENTION_HOURS (the
+    listener also does it periodically); --dry-run only lists them."""
+    _check_schema(settings)
+    from worker.retention import prune_once
+
+    _setup(settings, "cli")
+    if not args.dry_run:
+        _setup_metrics(settings)
+    pruned = prune_once(settings, dry_run=args.dry_run)
+    files = sum(p.files for p in pruned)
+    size = sum(p.bytes for p in pruned)
+    if args.json:
+        body = {
+            "dry_run": args.dry_run,
+            "retention_hours": settings.retention_hours,
+            "studies": [p.to_dict() for p in pruned],
+            "files": files,
+            "bytes": size,
+        }
+        json.dump(body, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if settings.retention_hours <= 0:
+        print("retention is off (PACS_AI_RETENTION_HOURS=0): nothing is pruned")
+        return 0
+    verb = "would prune" if args.dry_run else "pruned"
+    for p in pruned:
+        note = f", {p.errors} could not be deleted" if p.errors else ""
+        print(f"{verb} study {p.study_instance_uid}: {p.files} files, {p.bytes} bytes{note}")
+    print(
+        f"{verb} {len(pruned)} studies: {files} files, {size / 1024**2:.1f} MiB "
+        f"(PACS_AI_RETENTION_HOURS={settings.retention_hours:g})"
+    )
     return 0
 
 
@@ -603,11 +800,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("run", cmd_run, "embedded mode: listener, worker and reconciler in one command")
-    add("listen", cmd_listen, "run the DICOM listener, study assembler and reconciler")
+    add(
+        "run",
+        cmd_run,
+        "embedded mode: listener, inference and dispatch workers and API in one command",
+    )
+    li = add("listen", cmd_listen, "run the DICOM listener, study assembler and reconciler")
+    li.add_argument(
+        "--processes",
+        type=int,
+        help="listener processes sharing the port (PACS_AI_LISTENER_PROCESSES)",
+    )
+    li.add_argument(
+        "--no-scheduler",
+        action="store_true",
+        help="listen only: no assembler, reconciler or retention here, no extra processes "
+        "(another `pacs-ai listen` runs them)",
+    )
     w = add("worker", cmd_worker, "run a Celery worker for the inference and dispatch queues")
-    w.add_argument("--concurrency", type=int, help="worker processes (PACS_AI_WORKER_CONCURRENCY)")
-    w.add_argument("--queues", help="comma-separated queues (default: inference,dispatch)")
+    w.add_argument(
+        "--concurrency",
+        type=int,
+        help="worker processes (PACS_AI_WORKER_CONCURRENCY; PACS_AI_DISPATCH_CONCURRENCY "
+        "with --queues dispatch)",
+    )
+    w.add_argument(
+        "--queues",
+        help="comma-separated: inference, dispatch or both (the default); run one worker "
+        "per queue so that a dead destination never holds up inference",
+    )
     w.add_argument("--hostname", help="Celery node name")
 
     db = sub.add_parser("db", help="database administration").add_subparsers(
@@ -627,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j = add("list", cmd_jobs_list, "list jobs, newest first", jobs)
     j.add_argument("--json", action="store_true", help="print a JSON array")
-    j.add_argument("--status", choices=["queued", "running", "done", "failed"])
+    j.add_argument("--status", choices=["queued", "running", "done", "failed", "superseded"])
     j.add_argument("--study", help="only jobs of this Study Instance UID")
     j.add_argument("--limit", type=int, default=None)
 
@@ -679,10 +900,25 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--status", choices=["pending", "sent", "failed"])
     dl.add_argument("--job", type=int, help="only objects built by this job id")
     dl.add_argument("--limit", type=int, default=None)
+    bl = add(
+        "backlog",
+        cmd_deliveries_backlog,
+        "pending deliveries per destination (exit status 1 when some wait longer than "
+        "PACS_AI_DELIVERY_ALERT_MINUTES)",
+        deliveries,
+    )
+    bl.add_argument("--json", action="store_true", help="print a JSON array")
     rs = add("resend", cmd_resend, "send a study's (or job's) result objects again")
     target = rs.add_mutually_exclusive_group(required=True)
     target.add_argument("--study", help="Study Instance UID")
     target.add_argument("--job", type=int, help="job id")
+    pr = add(
+        "prune",
+        cmd_prune,
+        "delete the stored files of finished studies older than PACS_AI_RETENTION_HOURS",
+    )
+    pr.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    pr.add_argument("--json", action="store_true", help="print a JSON object")
     return parser
 
 

@@ -1,14 +1,20 @@
 """Delivering result objects: the dispatch task's work and its scheduling.
 
 The database drives delivery. A delivery row is ``pending`` until an attempt
-succeeds (``sent``) or fails permanently or exhausts
-``PACS_AI_DELIVERY_MAX_ATTEMPTS`` (``failed``). After a transient failure its
-next attempt is due after an exponential back-off
+succeeds (``sent``), fails permanently, or fails transiently when the delivery
+is older than ``PACS_AI_DELIVERY_MAX_AGE_HOURS`` (``failed``; its age counts
+from ``created_at``, which a manual resend restarts). The number of attempts
+never ends a delivery (``PACS_AI_DELIVERY_MAX_ATTEMPTS`` is ignored): a
+destination down for days still gets every object once it is back. After a
+transient failure the next attempt is due after an exponential back-off
 (``PACS_AI_DELIVERY_RETRY_BASE`` * 2^(attempts-1), at most
-``PACS_AI_DELIVERY_RETRY_MAX`` seconds); the scheduler in the listener sends
-due deliveries to the ``dispatch`` queue, so nothing is lost when the PACS, the
-broker or a worker is down. An attempt claims its row with a lease, so two
-messages for the same row never send it twice at once.
+``PACS_AI_DELIVERY_RETRY_MAX`` seconds, and never after the delivery's maximum
+age, so the last attempt comes right at it); the scheduler in the listener sends
+due deliveries to the ``dispatch`` queue, served by its own worker process
+(``pacs-ai worker --queues dispatch``), so nothing is lost when the PACS, the
+broker or a worker is down and a dead destination never holds up inference. An
+attempt claims its row with a lease, so two messages for the same row never
+send it twice at once.
 """
 
 from __future__ import annotations
@@ -54,9 +60,27 @@ def _app(settings: Settings) -> Celery:
 
 def backoff_seconds(attempts: int, settings: Settings) -> float:
     """Delay before the next attempt after ``attempts`` failed ones."""
-    return float(
-        min(settings.delivery_retry_max, settings.delivery_retry_base * 2 ** max(0, attempts - 1))
-    )
+    exponent = min(max(0, attempts - 1), 60)  # 2^60 * base exceeds any maximum
+    return float(min(settings.delivery_retry_max, settings.delivery_retry_base * 2**exponent))
+
+
+def give_up_at(created_at: dt.datetime, settings: Settings) -> dt.datetime:
+    """When transient failures of a delivery created at ``created_at`` stop being retried."""
+    return created_at + dt.timedelta(hours=settings.delivery_max_age_hours)
+
+
+def next_retry_at(
+    created_at: dt.datetime, attempts: int, now: dt.datetime, settings: Settings
+) -> dt.datetime | None:
+    """After a transient failure: when to try again, or None to give up (too old).
+
+    The back-off is capped by ``PACS_AI_DELIVERY_RETRY_MAX``, and the last
+    attempt is due when the delivery reaches ``PACS_AI_DELIVERY_MAX_AGE_HOURS``.
+    """
+    deadline = give_up_at(created_at, settings)
+    if now >= deadline:
+        return None
+    return min(now + dt.timedelta(seconds=backoff_seconds(attempts, settings)), deadline)
 
 
 def enqueue_deliveries(settings: Settings, ids: list[int], app: Celery | None = None) -> int:
@@ -118,6 +142,7 @@ class _Claimed:
     rel_path: str
     sop_instance_uid: str
     attempts: int
+    created_at: dt.datetime
 
 
 def dispatch_deliveries(ids: list[int], settings: Settings) -> dict[str, int]:
@@ -131,7 +156,12 @@ def dispatch_deliveries(ids: list[int], settings: Settings) -> dict[str, int]:
             if row is not None:
                 claimed.append(
                     _Claimed(
-                        row.id, row.destination, row.rel_path, row.sop_instance_uid, row.attempts
+                        row.id,
+                        row.destination,
+                        row.rel_path,
+                        row.sop_instance_uid,
+                        row.attempts,
+                        row.created_at,
                     )
                 )
     counts = {"sent": 0, "retry": 0, "failed": 0, "skipped": len(ids) - len(claimed)}
@@ -211,14 +241,15 @@ def _record(session: Any, item: _Claimed, result: SendResult, settings: Settings
         finish_delivery(session, item.id, DeliveryStatus.SENT)
         log.info("delivery %d sop=%s sent to %s", item.id, item.sop_instance_uid, item.destination)
         return "sent"
-    if result.outcome == "transient" and item.attempts < settings.delivery_max_attempts:
-        delay = backoff_seconds(item.attempts, settings)
+    now = utcnow()
+    retry_at = (
+        next_retry_at(item.created_at, item.attempts, now, settings)
+        if result.outcome == "transient"
+        else None
+    )
+    if retry_at is not None:
         finish_delivery(
-            session,
-            item.id,
-            DeliveryStatus.PENDING,
-            error=result.message,
-            retry_at=utcnow() + dt.timedelta(seconds=delay),
+            session, item.id, DeliveryStatus.PENDING, error=result.message, retry_at=retry_at
         )
         log.warning(
             "delivery %d to %s: %s; attempt %d, next in %.0f s",
@@ -226,12 +257,16 @@ def _record(session: Any, item: _Claimed, result: SendResult, settings: Settings
             item.destination,
             result.message,
             item.attempts,
-            delay,
+            (retry_at - now).total_seconds(),
         )
         return "retry"
     error = result.message
     if result.outcome == "transient":
-        error = f"{error} (gave up after {item.attempts} attempts)"
+        hours = (now - item.created_at).total_seconds() / 3600
+        error = (
+            f"{error} (gave up after {item.attempts} attempts over {hours:.1f} h: "
+            f"older than PACS_AI_DELIVERY_MAX_AGE_HOURS={settings.delivery_max_age_hours:g})"
+        )
     finish_delivery(session, item.id, DeliveryStatus.FAILED, error=error)
     log.warning("delivery %d to %s failed: %s", item.id, item.destination, error)
     return "failed"

@@ -49,6 +49,8 @@ class _Metrics:
     dispatch: Any
     deliveries: Any
     study_latency: Any
+    pruned_studies: Any
+    pruned_bytes: Any
 
 
 _lock = threading.Lock()
@@ -171,6 +173,16 @@ def _create() -> _Metrics:
             buckets=_BUCKETS,
             registry=None,
         ),
+        pruned_studies=Counter(
+            "pacs_ai_pruned_studies_total",
+            "studies whose stored files retention deleted (PACS_AI_RETENTION_HOURS)",
+            registry=None,
+        ),
+        pruned_bytes=Counter(
+            "pacs_ai_pruned_bytes_total",
+            "bytes of instance files and outbox objects deleted by retention",
+            registry=None,
+        ),
     )
 
 
@@ -252,6 +264,19 @@ def record_dispatch(status: str, seconds: float) -> None:
     _safe(act)
 
 
+# -- retention -----------------------------------------------------------------
+
+
+def record_pruned(size_bytes: int) -> None:
+    """One study pruned by retention, ``size_bytes`` freed."""
+
+    def act(m: _Metrics) -> None:
+        m.pruned_studies.inc()
+        m.pruned_bytes.inc(max(0, size_bytes))
+
+    _safe(act)
+
+
 # -- exposition ----------------------------------------------------------------
 
 
@@ -291,6 +316,37 @@ def gauge_family(name: str, documentation: str, label: str, counts: dict[str, in
     return family
 
 
+class StorageCollector:
+    """Free space of the storage file system, read at scrape time:
+    ``pacs_ai_storage_free_bytes`` and ``pacs_ai_storage_below_watermark`` (1 when
+    it is under ``PACS_AI_MIN_FREE_MB``, the listener then refuses instances)."""
+
+    def __init__(self, read: Callable[[], tuple[float, float]]) -> None:
+        self._read = read  # -> (free bytes, watermark bytes)
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            free, watermark = self._read()
+        except OSError as exc:
+            log.warning("metrics: cannot read the storage's free space (%s)", type(exc).__name__)
+            return
+        yield GaugeMetricFamily(
+            "pacs_ai_storage_free_bytes",
+            "bytes available on the storage file system",
+            value=free,
+        )
+        yield GaugeMetricFamily(
+            "pacs_ai_storage_below_watermark",
+            "1 when the storage's free space is below PACS_AI_MIN_FREE_MB, else 0",
+            value=1.0 if free < watermark else 0.0,
+        )
+
+
 class DatabaseCollector:
     """Current counts read from the database at scrape time (jobs by status, ...)."""
 
@@ -314,3 +370,42 @@ class DatabaseCollector:
             yield gauge_family(
                 f"pacs_ai_{what}", docs.get(what, f"{what} by status"), "status", values
             )
+
+
+class BacklogCollector:
+    """Pending deliveries per destination, read from the database at scrape time:
+    ``pacs_ai_deliveries_overdue{destination}`` (pending longer than
+    ``PACS_AI_DELIVERY_ALERT_MINUTES``) and
+    ``pacs_ai_delivery_oldest_pending_seconds{destination}``."""
+
+    def __init__(self, read: Callable[[], list[dict[str, Any]]], alert_minutes: float) -> None:
+        self._read = read
+        self._alert_minutes = alert_minutes
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            rows = self._read()
+        except Exception as exc:  # noqa: BLE001 - database down: scrape the rest
+            log.warning("metrics: cannot read the delivery backlog (%s)", type(exc).__name__)
+            return
+        overdue = GaugeMetricFamily(
+            "pacs_ai_deliveries_overdue",
+            f"deliveries pending for longer than {self._alert_minutes:g} minutes "
+            "(PACS_AI_DELIVERY_ALERT_MINUTES), by destination",
+            labels=["destination"],
+        )
+        oldest = GaugeMetricFamily(
+            "pacs_ai_delivery_oldest_pending_seconds",
+            "age of the oldest pending delivery, by destination (0: none pending)",
+            labels=["destination"],
+        )
+        for row in rows:
+            overdue.add_metric([row["destination"]], row["overdue"])
+            oldest.add_metric([row["destination"]], row["oldest_age_seconds"] or 0.0)
+        yield overdue
+        yield oldest

@@ -20,6 +20,7 @@ from pydicom import dcmread
 
 from db.repo import replace_results
 from db.session import session_scope
+from dicomnode import phi
 from worker import metrics, postprocess, recipe
 from worker.inference import (
     Deadline,
@@ -30,7 +31,7 @@ from worker.inference import (
     header_vector,
     run_batches,
 )
-from worker.jobs import InstanceRef, JobError, StudyContext
+from worker.jobs import InstanceRef, JobError, StudyContext, ensure_current
 from worker.registry import Manifest, RegisteredModel, discover
 from worker.reporting import ModelResult, build_result_objects
 from worker.selection import SeriesCandidate, select_series
@@ -463,6 +464,7 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
     decode_s = 0.0
     for model in models:
         assert model.manifest is not None
+        ctx.check_current()  # superseded meanwhile: stop before the next model
         colour = model.manifest.preprocessing.get("mode") == "rgb_image"
         choice, rejected = select_series(candidates, model.manifest.routing, colour)
         if choice is None:
@@ -475,7 +477,9 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
             paths = [r.path for r in by_series[uid]]
             try:
                 volumes[uid] = load_series(paths)
-                features[uid] = patient_features(dcmread(paths[0], stop_before_pixels=True))
+                header = dcmread(paths[0], stop_before_pixels=True)
+                phi.remember(header)  # masked in this job's log lines and errors
+                features[uid] = patient_features(header)
             except VolumeError as exc:
                 volumes[uid] = exc
             decode_s += time.monotonic() - t
@@ -483,6 +487,8 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
         if isinstance(volume, VolumeError):
             outcomes.append(ModelOutcome(model.name, uid, [], {}, error=f"series {uid}: {volume}"))
             continue
+        ctx.check_current()
+        log.debug("job %d: running %s on series %s", ctx.job_id, model.name, uid)
         try:
             run = run_model_full(model, volume, features[uid], settings)
         except ModelRunError as exc:
@@ -499,6 +505,7 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
         metrics.record_decode(decode_s)
     study_id = ctx.study_id
     with session_scope(settings.effective_database_url) as session:
+        ensure_current(session, ctx)  # a newer job's results are never replaced
         for outcome in outcomes:
             if outcome.error is None and outcome.skipped is None:
                 replace_results(session, study_id, ctx.job_id, outcome.model, outcome.rows)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from dicomnode.destinations import Destination
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
+# an API host allow-list entry: '*', '*.domain', a host name, an IPv4 or an IPv6 address
+_ALLOWED_HOST = re.compile(r"^(\*|(\*\.)?[A-Za-z0-9_.-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?)$")
 
 
 class SettingsError(Exception):
@@ -52,14 +54,27 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("./pacs-ai-data"))
     ae_title: str = "PACSAI"
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the network by design
-    port: int = Field(default=11112, ge=1, le=65535)
+    port: int = Field(default=11112, ge=0, le=65535)  # 0 = plain DICOM off
     database_url: str = ""
     broker_url: str = ""
     storage_dir: Path | None = None
     stable_seconds: float = Field(default=30.0, ge=0.0)
     allowed_calling_aets: str = ""
-    max_pdu_size: int = Field(default=0, ge=0)
+    max_pdu_size: int = Field(default=262144, ge=4096, le=16 * 1024 * 1024)
     network_timeout: float = Field(default=60.0, gt=0)
+    # the listener on a hostile network (dicomnode/scp.py, dicomnode/guard.py)
+    association_timeout: float = Field(default=10.0, gt=0)
+    max_associations: int = Field(default=32, ge=1, le=1000)
+    listener_processes: int = Field(default=0, ge=0, le=64)  # 0 = the number of cores
+    max_associations_per_host: int = Field(default=8, ge=1, le=1000)
+    max_instance_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    allowed_hosts: str = ""
+    tls_port: int = Field(default=0, ge=0, le=65535)
+    listener_tls_cert: Path | None = None
+    listener_tls_key: Path | None = None
+    listener_tls_ca: Path | None = None
+    min_free_mb: int = Field(default=1024, ge=0)
+    retention_hours: float = Field(default=0.0, ge=0)
     assembler_interval: float = Field(default=1.0, gt=0)
     reconcile_interval: float = Field(default=60.0, gt=0)
     requeue_after_seconds: float = Field(default=600.0, gt=0)
@@ -67,6 +82,8 @@ class Settings(BaseSettings):
     task_time_limit: float = Field(default=1900.0, gt=0)
     worker_concurrency: int = Field(default=1, ge=1, le=64)
     job_max_attempts: int = Field(default=3, ge=1)
+    # a running job's lease, renewed every quarter of it by the job's heartbeat
+    job_lease_seconds: float = Field(default=60.0, ge=2, le=3600)
     models_dir: Path | None = None
     ort_threads: int = Field(default=0, ge=0, le=256)
     ort_providers: str = "CPUExecutionProvider"
@@ -79,10 +96,14 @@ class Settings(BaseSettings):
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # deprecated and ignored: transient retries end by age (delivery_max_age_hours)
     delivery_max_attempts: int = Field(default=12, ge=1, le=1000)
+    delivery_max_age_hours: float = Field(default=168.0, gt=0, le=24 * 365 * 10)
+    delivery_alert_minutes: float = Field(default=60.0, gt=0)
     delivery_retry_base: float = Field(default=30.0, gt=0)
     delivery_retry_max: float = Field(default=3600.0, gt=0)
     dispatch_timeout: float = Field(default=60.0, gt=0)
+    dispatch_concurrency: int = Field(default=2, ge=1, le=64)
     # admin API and dashboard (worker/api.py)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=1, le=65535)
@@ -90,6 +111,8 @@ class Settings(BaseSettings):
     api_read_tokens: str = ""
     api_tls_cert: Path | None = None
     api_tls_key: Path | None = None
+    # Host header allow-list of the API (worker/webguard.py); empty: loopback + api_host
+    api_allowed_hosts: str = ""
     # Prometheus multiprocess files (worker/metrics.py); optional per-process endpoint
     metrics_dir: Path | None = None
     metrics_port: int = Field(default=0, ge=0, le=65535)
@@ -104,6 +127,17 @@ class Settings(BaseSettings):
     def _allowed(cls, value: str) -> str:
         for item in _split(value):
             _check_ae_title(item, "PACS_AI_ALLOWED_CALLING_AETS entry")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: str) -> str:
+        from dicomnode.guard import parse_networks
+
+        try:
+            parse_networks(_split(value))
+        except ValueError as exc:
+            raise ValueError(f"PACS_AI_ALLOWED_HOSTS: {exc}") from None
         return value
 
     @field_validator("uid_root")
@@ -171,8 +205,41 @@ class Settings(BaseSettings):
             check_token_entry(item, name)
         return value
 
+    @field_validator("api_allowed_hosts")
+    @classmethod
+    def _api_allowed_hosts(cls, value: str) -> str:
+        for item in _split(value):
+            if not _ALLOWED_HOST.match(item):
+                raise ValueError(
+                    f"PACS_AI_API_ALLOWED_HOSTS: {item!r} is not a host name, an IP address, "
+                    "'*.domain' or '*' (no scheme, port or path)"
+                )
+        return value
+
     @model_validator(mode="after")
     def _limits(self) -> Settings:
+        if not self.port and not self.tls_port:
+            raise ValueError(
+                "PACS_AI_PORT and PACS_AI_TLS_PORT are both 0: the listener would not listen"
+            )
+        if self.tls_port:
+            if self.listener_tls_cert is None or self.listener_tls_key is None:
+                raise ValueError(
+                    "PACS_AI_TLS_PORT needs PACS_AI_LISTENER_TLS_CERT and PACS_AI_LISTENER_TLS_KEY"
+                )
+            if self.tls_port == self.port:
+                raise ValueError("PACS_AI_TLS_PORT must differ from PACS_AI_PORT")
+        for path, var in (
+            (self.listener_tls_cert, "CERT"),
+            (self.listener_tls_key, "KEY"),
+            (self.listener_tls_ca, "CA"),
+        ):
+            if path is not None and not path.expanduser().is_file():
+                raise ValueError(f"PACS_AI_LISTENER_TLS_{var}: no such file {str(path)!r}")
+        if self.max_associations_per_host > self.max_associations:
+            raise ValueError(
+                "PACS_AI_MAX_ASSOCIATIONS_PER_HOST must not exceed PACS_AI_MAX_ASSOCIATIONS"
+            )
         if self.task_time_limit <= self.task_soft_time_limit:
             raise ValueError(
                 "PACS_AI_TASK_TIME_LIMIT must be greater than PACS_AI_TASK_SOFT_TIME_LIMIT"
@@ -238,6 +305,16 @@ class Settings(BaseSettings):
         return self.storage_path / ".outbox"
 
     @property
+    def effective_listener_processes(self) -> int:
+        import os
+
+        return self.listener_processes or max(1, len(os.sched_getaffinity(0)))
+
+    @property
+    def allowed_host_list(self) -> tuple[str, ...]:
+        return tuple(_split(self.allowed_hosts))
+
+    @property
     def allowed_aets(self) -> frozenset[str]:
         return frozenset(_split(self.allowed_calling_aets))
 
@@ -257,6 +334,11 @@ class Settings(BaseSettings):
     @property
     def api_auth_enabled(self) -> bool:
         return bool(self.api_admin_token_list or self.api_read_token_list)
+
+    @property
+    def api_allowed_host_list(self) -> tuple[str, ...]:
+        """``PACS_AI_API_ALLOWED_HOSTS`` as given (lower case); empty: the defaults."""
+        return tuple(item.lower() for item in _split(self.api_allowed_hosts))
 
 
 #: a stored token: the plain token (16+ characters) or ``sha256:<64 hex digits>``

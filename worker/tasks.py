@@ -16,17 +16,51 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: transient errors (database or broker down) are retried this often, ...
+JOB_MAX_RETRIES = 60
+
+
+def job_retry_delay(tries: int) -> float:
+    """... after 5, 10, 15 ... up to 60 s: a 60 s outage is covered by the 5th
+    retry, and a job waits at most about an hour in all."""
+    return float(min(60, 5 * (tries + 1)))
+
 
 def register_tasks(app: Celery) -> None:
     settings: Settings = app.conf.pacs_ai_settings
 
     @app.task(name=PROCESS_JOB_TASK, bind=True, max_retries=None)
     def process_job(self: Task, job_id: int) -> str:
+        tries = int(self.request.retries or 0)
+        task_id = self.request.id or ""
         try:
-            return run_job(int(job_id), settings, processor=process_study)
+            return run_job(
+                int(job_id),
+                settings,
+                processor=process_study,
+                owner=f"{task_id}/{tries}" if task_id else None,
+                # an earlier try left the lease held (it could not release it):
+                # take it over without counting an attempt
+                takeover_prefix=f"{task_id}/" if task_id else None,
+            )
         except Exception as exc:  # transient only: run_job handles the rest
-            log.warning("job %s hit a transient error (%s); retrying", job_id, type(exc).__name__)
-            raise self.retry(countdown=min(60, 5 * (self.request.retries + 1))) from None
+            if tries >= JOB_MAX_RETRIES:
+                log.error(
+                    "job %s: transient errors for %d tries (%s); the reconciler sends it "
+                    "again once its lease has expired",
+                    job_id,
+                    tries + 1,
+                    type(exc).__name__,
+                )
+                return "retries exhausted"
+            delay = job_retry_delay(tries)
+            log.warning(
+                "job %s hit a transient error (%s); retrying in %.0f s",
+                job_id,
+                type(exc).__name__,
+                delay,
+            )
+            raise self.retry(countdown=delay) from None
 
     use_app(settings, app)
 

@@ -12,7 +12,14 @@ class Unauthorized extends Error {}
 async function api(path, options = {}) {
   const headers = { Accept: "application/json" };
   if (token()) headers.Authorization = "Bearer " + token();
-  const response = await fetch(path, { ...options, headers });
+  const init = { ...options, headers };
+  if (options.method === "POST") {
+    // the API takes writes only as JSON (a cross-site form cannot send that)
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(options.json || {});
+    delete init.json;
+  }
+  const response = await fetch(path, init);
   if (response.status === 401) throw new Unauthorized();
   const body = await response.json().catch(() => ({}));
   if (!response.ok && response.status !== 503) {
@@ -127,12 +134,56 @@ function renderTiles(summary, studies) {
     ["jobs running", jobs.running || 0],
     ["jobs done", jobs.done || 0],
     ["jobs failed", jobs.failed || 0],
+    ["deliveries pending", deliveries.pending || 0],
     ["deliveries sent", deliveries.sent || 0],
     ["deliveries failed", deliveries.failed || 0],
   ];
   const box = document.getElementById("tiles");
   box.replaceChildren(...tiles.map(([label, n]) =>
     el("div", { class: "tile" }, el("div", { class: "n" }, n), el("div", { class: "l" }, label))));
+}
+
+function renderStorage(space) {
+  // the free-space watermark (PACS_AI_MIN_FREE_MB): below it the listener refuses instances
+  const box = document.getElementById("disk-warning");
+  if (space && space.below_watermark) {
+    box.textContent = "Disk space low: " + space.free_mb + " MiB free on the storage, below " +
+      "the watermark of " + space.min_free_mb + " MiB (PACS_AI_MIN_FREE_MB). New instances " +
+      "are refused until space is freed.";
+    box.hidden = false;
+  } else {
+    box.hidden = true;
+  }
+}
+
+function age(secondsText) {
+  const s = Number(secondsText);
+  if (!Number.isFinite(s)) return "–";
+  if (s < 120) return s.toFixed(0) + " s";
+  if (s < 7200) return (s / 60).toFixed(0) + " min";
+  if (s < 172800) return (s / 3600).toFixed(1) + " h";
+  return (s / 86400).toFixed(1) + " days";
+}
+
+function renderBacklog(backlog) {
+  // pending deliveries per destination; overdue: pending longer than PACS_AI_DELIVERY_ALERT_MINUTES
+  const rows = (backlog.destinations || []).filter((d) => d.pending > 0);
+  const section = document.getElementById("backlog-section");
+  section.classList.toggle("alert", backlog.overdue > 0);
+  document.getElementById("backlog-hint").textContent = backlog.overdue > 0
+    ? backlog.overdue + " object(s) waiting longer than " + backlog.alert_minutes +
+      " min: is the destination down? They are retried until it is back (at most " +
+      backlog.max_age_hours + " h)."
+    : "Objects waiting for their destination. Retried until the destination is back (at most " +
+      backlog.max_age_hours + " h); an alert after " + backlog.alert_minutes + " min.";
+  const body = fill("backlog", rows, "Nothing waiting: every destination is up to date.", 5);
+  for (const d of rows) {
+    body.append(el("tr", { "data-destination": d.destination, class: d.overdue ? "overdue" : "" },
+      el("td", {}, d.destination), el("td", {}, d.pending),
+      el("td", {}, d.overdue ? pill(String(d.overdue), "failed") : "0"),
+      el("td", { title: d.oldest_pending_at || "" }, age(d.oldest_age_seconds)),
+      el("td", { class: "err" }, d.last_error || "")));
+  }
 }
 
 function renderFailed(failed, studies) {
@@ -164,7 +215,9 @@ function renderStudies(studies) {
       uidCell(s.study_instance_uid),
       el("td", {}, (s.modalities || []).join(", ") || "–"),
       el("td", {}, s.num_series + " / " + s.num_instances),
-      el("td", {}, pill(s.status)),
+      el("td", {}, pill(s.status),
+        s.pruned_at ? el("span", { class: "pill pruned", title: "files deleted by retention " +
+          when(s.pruned_at) }, "pruned") : null),
       findingsCell(s),
       el("td", {}, deliverySummary(s.deliveries)),
       el("td", {}, when(s.received_at)));
@@ -269,11 +322,12 @@ async function renderDetail() {
 
 async function refresh() {
   try {
-    const [ready, summary, studies, failed, jobs, models, deliveries] = await Promise.all([
-      api("/readyz"), api("/api/summary"), api("/api/studies?limit=50"),
-      api("/api/jobs?status=failed&limit=20"), api("/api/jobs?limit=30"), api("/api/models"),
-      api("/api/deliveries?limit=20"),
-    ]);
+    const [ready, summary, studies, failed, jobs, models, deliveries, backlog] =
+      await Promise.all([
+        api("/readyz"), api("/api/summary"), api("/api/studies?limit=50"),
+        api("/api/jobs?status=failed&limit=20"), api("/api/jobs?limit=30"), api("/api/models"),
+        api("/api/deliveries?limit=20"), api("/api/deliveries/backlog"),
+      ]);
     document.getElementById("login").hidden = true;
     document.getElementById("main").hidden = false;
     document.getElementById("signout").hidden = !token();
@@ -282,7 +336,9 @@ async function refresh() {
     readyPill.className = "pill " + (ok ? "ready" : "not-ready");
     readyPill.textContent = ok ? "ready" : "not ready: " + Object.entries(ready.body.checks || {})
       .filter(([, v]) => v !== "ok").map(([k, v]) => k + " " + v).join(", ");
+    renderStorage(ready.body.storage);
     renderTiles(summary.body, studies.body);
+    renderBacklog(backlog.body);
     renderFailed(failed.body, studies.body);
     renderStudies(studies.body);
     renderJobs(jobs.body);
