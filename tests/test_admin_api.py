@@ -716,7 +716,8 @@ def test_refuses_public_address_without_token(tmp_path: Path) -> None:
 
 def test_readyz_503_with_database_down(api: ApiNode) -> None:
     ready = api.json("/readyz")
-    assert ready == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    assert ready["status"] == "ready"
+    assert ready["checks"]["database"] == "ok" and ready["checks"]["broker"] == "ok"
     pg_block(api.db_url, True)
     try:
         response = api.get("/readyz")
