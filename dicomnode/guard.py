@@ -131,16 +131,6 @@ def normalise_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     return ip
 
 
-def free_bytes(path: Path) -> int:
-    """Bytes available to an unprivileged user on the file system of ``path``."""
-    st = os.statvfs(path)
-    return int(st.f_bavail * st.f_frsize)
-
-
-def free_mb(path: Path) -> float:
-    return free_bytes(path) / MiB
-
-
 # -- connections ----------------------------------------------------------------
 
 
@@ -298,6 +288,8 @@ class GuardedServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
         self.guard = guard
         self.limits = guard.config
+        #: connections admitted at accept, until their handler thread takes them
+        self._pending_conn: dict[int, Connection] = {}
         kwargs["request_handler"] = GuardedRequestHandler
         super().__init__(*args, **kwargs)
         self.daemon_threads = True
@@ -324,14 +316,6 @@ class GuardedServer(ThreadedAssociationServer):
             return False
         self._pending_conn[id(sock)] = conn
         return True
-
-    @property
-    def _pending_conn(self) -> dict[int, Connection]:
-        d: dict[int, Connection] | None = getattr(self, "_pacs_ai_pending", None)
-        if d is None:
-            d = {}
-            self._pacs_ai_pending = d
-        return d
 
     def take_conn(self, sock: socket.socket) -> Connection | None:
         return self._pending_conn.pop(id(sock), None)
@@ -623,8 +607,10 @@ def _open_store_file(
     cfg = limits.config
     message_id = int(msg.command_set.MessageID)
     if cfg.storage_root is not None and cfg.min_free_bytes > 0:
+        from dicomnode.storage import free_mb
+
         try:
-            free = free_bytes(cfg.storage_root)
+            free = free_mb(cfg.storage_root) * MiB
         except OSError:
             free = 0
         if free < cfg.min_free_bytes:
@@ -746,8 +732,6 @@ __all__ = [
     "ConnectionGuard",
     "GuardConfig",
     "GuardedServer",
-    "free_bytes",
-    "free_mb",
     "install",
     "parse_networks",
     "take_refusal",
