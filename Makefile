@@ -39,7 +39,7 @@ format:
 ## bench: ingest benchmark, pacs-ai's listener vs dcmtk storescp (BENCH_ARGS="--slices 100")
 bench:
 	@bash scripts/setup.sh system venv
-	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
+	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
 
 ## setup: everything `make test` needs, without running anything
 setup:

@@ -3,8 +3,8 @@
 Each chest CT phantom is drawn from the whole family (matrix 256-512, pixel
 spacing 0.6-1.6 mm, slice thickness 0.6-5 mm, 30-400 slices, noise 0-25 HU,
 signed or unsigned storage, slices written in shuffled order), written as DICOM
-files and read back with the worker's own decoder (worker.volume.load_series),
-then run through worker.pipeline.run_model_full exactly as a job does. Seeds
+files and read back with the worker's own decoder (worker.pipeline.volume.load_series),
+then run through worker.pipeline.run.run_model_full exactly as a job does. Seeds
 start at 1,000,000 and never overlap the training (0-6999) or validation
 (500000-500999) seeds of scripts/build_demo_models.py.
 
@@ -12,8 +12,8 @@ Prints, per model: accuracy/AUC (classification), Dice and volume errors
 against the generator's analytic truth (segmentation), and timings; then the
 acceptance criteria with PASS/FAIL. Exit status 1 when a criterion fails.
 
-    .venv/bin/python bench/eval_models.py   # 20 CT phantoms, 10 with a nodule >= 10 mm
-    .venv/bin/python bench/eval_models.py --phantoms 6 --max-slices 80 --endoscopy 20   # quick
+    .venv/bin/python -m bench.eval_models   # 20 CT phantoms, 10 with a nodule >= 10 mm
+    .venv/bin/python -m bench.eval_models --phantoms 6 --max-slices 80 --endoscopy 20   # quick
 """
 
 from __future__ import annotations
@@ -27,21 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom import dcmread
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pydicom import dcmread  # noqa: E402
-
-from worker.phantoms import (  # noqa: E402
+from testkit.phantoms import (
     endoscopy_to_dataset,
     generate_chest_ct,
     generate_endoscopy_image,
     phantom_to_datasets,
 )
-from worker.pipeline import run_model_full  # noqa: E402
-from worker.registry import RegisteredModel, discover  # noqa: E402
-from worker.settings import load_settings  # noqa: E402
-from worker.volume import load_series, patient_features  # noqa: E402
+from worker.pipeline.registry import RegisteredModel, discover
+from worker.pipeline.run import run_model_full
+from worker.pipeline.volume import load_series, patient_features
+from worker.settings import load_settings
 
 SEED0 = 1_000_000
 CLS = "chest-ct-nodule-cls"

@@ -5,7 +5,7 @@ postprocessing, and the process's peak RSS. Targets (2-core machine): both CT
 models together under 20 s; everything but inference faster than inference;
 peak RSS under 2 GB.
 
-    .venv/bin/python bench/inference.py [--slices 300] [--size 512] [--threads 2]
+    .venv/bin/python -m bench.inference [--slices 300] [--size 512] [--threads 2]
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pydicom import dcmread
 
-from pydicom import dcmread  # noqa: E402
-
-from worker.phantoms import generate_chest_ct, phantom_to_datasets  # noqa: E402
-from worker.pipeline import run_model  # noqa: E402
-from worker.registry import discover  # noqa: E402
-from worker.settings import load_settings  # noqa: E402
-from worker.volume import load_series, patient_features  # noqa: E402
+from testkit.phantoms import generate_chest_ct, phantom_to_datasets
+from worker.pipeline.registry import discover
+from worker.pipeline.run import run_model
+from worker.pipeline.volume import load_series, patient_features
+from worker.settings import load_settings
 
 
 def peak_rss_mb() -> float:
@@ -62,7 +60,15 @@ def main() -> int:
                 ds.save_as(Path(tmp) / f"{i:04d}.dcm", enforce_file_format=True)
             del phantom
             print(f"series generated in {time.monotonic() - t:.1f} s (not counted)", flush=True)
-            child = [sys.executable, __file__, "--measure", tmp, "--threads", str(args.threads)]
+            child = [
+                sys.executable,
+                "-m",
+                "bench.inference",
+                "--measure",
+                tmp,
+                "--threads",
+                str(args.threads),
+            ]
             return subprocess.call(child)
 
     settings = load_settings(ort_threads=args.threads)

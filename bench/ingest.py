@@ -6,7 +6,7 @@ sends the same files with dcmtk ``storescu`` to
   (a) dcmtk ``storescp`` writing into a temp dir; its time includes an fsync of
       every received file and of the output dir afterwards (storescp itself never
       fsyncs, pacs-ai fsyncs every instance before answering success);
-  (b) pacs-ai's listener (``python -m worker.cli listen``, embedded SQLite, fresh
+  (b) pacs-ai's listener (``python -m worker.cli.main listen``, embedded SQLite, fresh
       data dir per round, ``db upgrade`` first),
 
 with the same maximum PDU size on the wire for both, and prints instances/s,
@@ -15,7 +15,7 @@ MB/s, the ratio pacs-ai / storescp (target >= 0.3x) and the listener's peak RSS
 medians are reported. Always exits 0 unless the benchmark itself fails; each
 target is reported as PASS or MISS.
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--rounds 3]
+    .venv/bin/python -m bench.ingest [--slices 300] [--size 512] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tests.factory import write_ct_series
 
-from tests.factory import write_ct_series  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 RATIO_TARGET = 0.3
 RSS_TARGET_MB = 300.0
@@ -190,7 +189,7 @@ def pacs_ai_env(data: Path, port: int) -> dict[str, str]:
 
 def pacs_ai(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "worker.cli.main", *args], env=env, capture_output=True, text=True
     )
     if result.returncode != 0:
         raise RuntimeError(f"pacs-ai {' '.join(args)} failed: {result.stderr[-2000:]}")
@@ -206,7 +205,7 @@ def run_pacs_ai(work: Path, files: list[Path], nbytes: int, pdu: int, keep_log: 
     log_path = root / "listener.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "listen"],
+            [sys.executable, "-m", "worker.cli.main", "listen"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

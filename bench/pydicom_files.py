@@ -1,4 +1,4 @@
-"""Run ``worker.volume.load_series`` over every pydicom test file and print a table.
+"""Run ``worker.pipeline.volume.load_series`` over every pydicom test file and print a table.
 
 Each file is processed as a one-instance series. The outcome is one of:
 
@@ -11,7 +11,7 @@ The files are listed from disk only (pydicom's bundled ``test_files`` plus the
 ``pydicom-data`` package when installed): ``pydicom.data.get_testdata_files``
 would try to download the files missing locally, which hangs without network.
 
-    .venv/bin/python bench/pydicom_files.py [--markdown] [PATTERN]
+    .venv/bin/python -m bench.pydicom_files [--markdown] [PATTERN]
 """
 
 from __future__ import annotations
@@ -24,14 +24,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
-from pydicom import dcmread  # noqa: E402
-from pydicom.errors import InvalidDicomError  # noqa: E402
-
-from worker.volume import VolumeError, load_series  # noqa: E402
+from worker.pipeline.volume import VolumeError, load_series
 
 
 def pydicom_test_files() -> list[tuple[str, Path]]:

@@ -4,7 +4,7 @@ Writes N slices of ROWSxCOLS signed 16-bit CT (shuffled file order) to a tempora
 folder, optionally compressed, then loads them in a fresh child process and
 reports wall time and peak RSS next to the size of the float32 output:
 
-    .venv/bin/python bench/volume_load.py [--slices 520] [--size 512] [--ts rle|jls|j2k]
+    .venv/bin/python -m bench.volume_load [--slices 520] [--size 512] [--ts rle|jls|j2k]
 
 Peak RSS should be the output array plus a small constant (one decoded slice,
 the interpreter and libraries), not a multiple of the series size.
@@ -21,23 +21,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
+
+from tests.factory import ct_slice
+
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid  # noqa: E402
-
-from tests.factory import ct_slice  # noqa: E402
 
 SYNTAXES = {"rle": RLELossless, "jls": JPEGLSLossless, "j2k": JPEG2000Lossless}
 
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-from worker.volume import load_series
+from worker.pipeline.volume import load_series
 paths = [Path(p) for p in json.loads(Path(sys.argv[2]).read_text())]
 t0 = time.perf_counter()
 vol = load_series(paths)

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Train and export the three demo ONNX models into worker/models/.
 
-    python scripts/build_demo_models.py [--out worker/models] [--only NAME] [--quick]
+    python -m scripts.build_demo_models [--out worker/models] [--only NAME] [--quick]
 
 Needs torch (2.13.0 CPU) and onnx, which the runtime never imports. Everything
 is seeded and runs on 2 CPU threads, so a rebuild gives the same models (the
 sha256 may still differ across torch/onnx versions). Training data are
-synthetic (worker/phantoms.py) and go through the runtime's own preprocessing
-(worker/recipe.py), so training and production see identical inputs.
+synthetic (testkit/phantoms.py) and go through the runtime's own preprocessing
+(worker/pipeline/recipe.py), so training and production see identical inputs.
 
 Seed ranges (never overlapping): CT classification phantoms 0-1999, CT
 segmentation phantoms 5000-6999, endoscopy images 0-9999, validation
@@ -39,7 +39,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,11 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from testkit.phantoms import ChestGeometry, generate_endoscopy_image, sample_geometry
+from worker.pipeline import recipe as R
 
-from worker import recipe as R  # noqa: E402
-from worker.phantoms import ChestGeometry, generate_endoscopy_image, sample_geometry  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SEED = 20_240_601
 THREADS = 2
@@ -785,7 +783,7 @@ def card_cls(stats: dict[str, Any]) -> str:
         "224x224, three windows as channels: lung [-600, 1500], mediastinal [40, 400], bone "
         "[300, 1500] (center, width).\n\n"
         f"**Training data**: {stats['train_slices']} slices ({stats['train_pos']} through a "
-        f"nodule) of {stats['train_phantoms']} synthetic chest CT phantoms (worker/phantoms.py, "
+        f"nodule) of {stats['train_phantoms']} synthetic chest CT phantoms (testkit/phantoms.py, "
         "seeds 0-1999): elliptic body with fat, spine, two textured lungs with vessels, "
         "optional spherical solid nodule 6-30 mm, pixel 0.6-1.6 mm, slices 0.6-5 mm, matrix "
         "256-512, noise 0-25 HU. A slice is positive when its nodule cross-section is >= 5 mm "
@@ -813,7 +811,7 @@ def card_seg(stats: dict[str, Any]) -> str:
         "at ~7 px while a 300-slice 512x512 series still runs in ~10 s on 2 CPU cores.\n\n"
         f"**Training data**: {stats['train_slices']} slices ({stats['train_nodule']} through a "
         f"nodule, tips included) of {stats['train_phantoms']} synthetic chest CT phantoms "
-        "(worker/phantoms.py, seeds 5000-5499; same family as chest-ct-nodule-cls).\n\n"
+        "(testkit/phantoms.py, seeds 5000-5499; same family as chest-ct-nodule-cls).\n\n"
         "**Method**: soft-target cross-entropy against the exact partial-volume occupancy of "
         "each model pixel (background, lung, nodule), so the softmax probabilities estimate "
         "occupancy: summing the probability of a class over a structure (restored to the "
@@ -848,7 +846,7 @@ def card_endo(stats: dict[str, Any]) -> str:
         "**Input**: the whole RGB image resized to 224x224 (area averaging), R, G, B scaled "
         "to [0, 1].\n\n"
         f"**Training data**: {stats['train']} synthetic endoscopy-like images "
-        "(worker/phantoms.py generate_endoscopy_image, seeds 0-9999): pinkish mucosa with "
+        "(testkit/phantoms.py generate_endoscopy_image, seeds 0-9999): pinkish mucosa with "
         "folds, lumen, thin vessels, vignetting, specular highlights and flat erythema as "
         "confusers; a lesion is a raised reddish or whitish blob with an irregular border.\n\n"
         f"**Method**: stage A on 96x96 patches ({stats['epochs_a']} epochs), stage B re-fits "

@@ -181,7 +181,7 @@ class Node:
         self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "worker.cli", *args],
+            [sys.executable, "-m", "worker.cli.main", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -201,7 +201,7 @@ class Node:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", *(args or (name,))],
+            [sys.executable, "-m", "worker.cli.main", *(args or (name,))],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -28,6 +28,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 
+from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import (
     PG_ADMIN_URL,
     REPO,
@@ -42,8 +43,7 @@ from tests.conftest import (
 )
 from tests.dicom_peers import RecordingSCP
 from tests.factory import CANARY_BIRTH, CANARY_ID, CANARY_NAME, ct_slice
-from worker.phantoms import generate_chest_ct, phantom_to_datasets
-from worker.registry import DEMO_MODELS_DIR
+from worker.pipeline.registry import DEMO_MODELS_DIR
 
 MODELS_SRC = Path(os.environ.get("PACS_AI_TEST_MODELS_DIR") or DEMO_MODELS_DIR)
 
@@ -691,7 +691,7 @@ def test_refuses_public_address_without_token(tmp_path: Path) -> None:
     env = node_env(tmp_path, api_host="0.0.0.0", api_port=str(free_port()))
     for command in (["api"], ["run"]):
         result = subprocess.run(
-            [sys.executable, "-m", "worker.cli", *command],
+            [sys.executable, "-m", "worker.cli.main", *command],
             env=env,
             capture_output=True,
             text=True,
@@ -704,7 +704,7 @@ def test_refuses_public_address_without_token(tmp_path: Path) -> None:
             len(lines) == 1 and "refusing to serve the API on 0.0.0.0 without a token" in lines[0]
         )
     weak = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "api"],
+        [sys.executable, "-m", "worker.cli.main", "api"],
         env={**env, "PACS_AI_API_TOKEN": "short"},
         capture_output=True,
         text=True,
@@ -826,7 +826,7 @@ def test_api_over_tls(tmp_path: Path) -> None:
         api_token=ADMIN_TOKEN,
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "api"],
+        [sys.executable, "-m", "worker.cli.main", "api"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,

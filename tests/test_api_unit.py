@@ -17,8 +17,8 @@ from db.migrate import upgrade
 from db.models import Instance, Job, JobStatus, Result, Series, Study
 from db.session import session_scope
 from worker import metrics
-from worker.api import TokenCheck, check_bind, create_app, is_loopback
-from worker.cli import _Progress
+from worker.admin.api import TokenCheck, check_bind, create_app, is_loopback
+from worker.cli.main import _Progress
 from worker.logging_setup import JsonFormatter, TextFormatter, _ProcessName, log_context
 from worker.settings import Settings, SettingsError, load_settings
 
@@ -88,7 +88,7 @@ def test_check_bind() -> None:
 
 
 def _record(msg: str) -> logging.LogRecord:
-    record = logging.LogRecord("worker.jobs", logging.INFO, __file__, 1, msg, (), None)
+    record = logging.LogRecord("worker.scheduling.jobs", logging.INFO, __file__, 1, msg, (), None)
     _ProcessName("worker").filter(record)
     return record
 

@@ -20,8 +20,8 @@ from db.repo import InstanceRecord, record_instance
 from db.session import dispose_all, session_scope
 from dicomnode.assembly import StudyState, is_complete
 from dicomnode.uids import relative_instance_path
-from worker.celery_app import INFERENCE_QUEUE, PROCESS_JOB_TASK
-from worker.scheduler import assemble_once, reconcile_once
+from worker.scheduling.celery_app import INFERENCE_QUEUE, PROCESS_JOB_TASK
+from worker.scheduling.scheduler import assemble_once, reconcile_once
 from worker.settings import Settings, load_settings
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC)

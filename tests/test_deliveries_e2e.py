@@ -27,6 +27,7 @@ from sqlalchemy import update
 
 from db.models import Delivery, utcnow
 from db.session import session_scope
+from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import (
     Node,
     NodeFactory,
@@ -38,8 +39,7 @@ from tests.conftest import (
 )
 from tests.dicom_peers import RecordingSCP
 from tests.factory import CANARY_ID, CANARY_NAME
-from worker.phantoms import generate_chest_ct, phantom_to_datasets
-from worker.registry import DEMO_MODELS_DIR
+from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,4 +1,4 @@
-"""Unit tests of the delivery retry policy (worker/dispatch.py) and the backlog
+"""Unit tests of the delivery retry policy (worker/delivery/dispatch.py) and the backlog
 query (db/queries.py) on SQLite: transient failures end by the delivery's age
 (PACS_AI_DELIVERY_MAX_AGE_HOURS), never by a count of attempts."""
 
@@ -17,8 +17,8 @@ from db.queries import delivery_backlog
 from db.repo import reset_deliveries
 from db.session import session_scope
 from dicomnode.scu import SendResult
-from worker import dispatch
-from worker.dispatch import backoff_seconds, dispatch_deliveries, next_retry_at
+from worker.delivery import dispatch
+from worker.delivery.dispatch import backoff_seconds, dispatch_deliveries, next_retry_at
 from worker.settings import Settings
 
 NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)

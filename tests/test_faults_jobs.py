@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
+from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import (
     Node,
     NodeFactory,
@@ -34,8 +35,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.dicom_peers import RecordingSCP
-from worker.phantoms import generate_chest_ct, phantom_to_datasets
-from worker.registry import DEMO_MODELS_DIR
+from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,

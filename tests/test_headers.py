@@ -28,8 +28,8 @@ from dicomnode.results import (
     build_seg,
     build_sr,
 )
+from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import have
-from worker.phantoms import generate_chest_ct, phantom_to_datasets
 
 LUNG = CodeSpec("39607008", "SCT", "Lung")
 ANATOMY = CodeSpec("91723000", "SCT", "Anatomical structure")

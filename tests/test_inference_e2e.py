@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import NodeFactory, port_open, wait_for
 from tests.factory import CANARY_ID, CANARY_NAME
-from worker.phantoms import generate_chest_ct, phantom_to_datasets
-from worker.registry import DEMO_MODELS_DIR
+from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,

@@ -32,8 +32,8 @@ from db.repo import (
 )
 from db.session import dispose_all, session_scope
 from dicomnode.uids import relative_instance_path
-from worker.jobs import StudyContext, ensure_current, is_transient, run_job
-from worker.scheduler import assemble_once, reconcile_every, reconcile_once
+from worker.scheduling.jobs import StudyContext, ensure_current, is_transient, run_job
+from worker.scheduling.scheduler import assemble_once, reconcile_every, reconcile_once
 from worker.settings import Settings, SettingsError, load_settings
 
 STUDY = "1.2.826.0.1.3680043.10.1"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.registry import DEMO_MODELS_DIR, discover, sha256_file
+from worker.pipeline.registry import DEMO_MODELS_DIR, discover, sha256_file
 
 SHIPPED = sorted(p.stem for p in DEMO_MODELS_DIR.glob("*.json"))
 pytestmark = pytest.mark.skipif(not SHIPPED, reason="demo models not built")
@@ -22,7 +22,7 @@ def check(models_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
     env["PACS_AI_MODELS_DIR"] = str(models_dir)
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "models", "check"],
+        [sys.executable, "-m", "worker.cli.main", "models", "check"],
         env=env,
         capture_output=True,
         text=True,

@@ -27,10 +27,10 @@ from db.repo import InstanceRecord, record_instance
 from db.session import dispose_all, session_scope
 from dicomnode import phi
 from dicomnode.uids import relative_instance_path
-from worker.api import create_app
-from worker.jobs import JobError, StudyContext, run_job
+from worker.admin.api import create_app
 from worker.logging_setup import configure_logging, log_context
-from worker.scheduler import assemble_once
+from worker.scheduling.jobs import JobError, StudyContext, run_job
+from worker.scheduling.scheduler import assemble_once
 from worker.settings import Settings, load_settings
 
 NAME = "Zqcanaryfamily^Zqcanarygiven"
@@ -97,7 +97,7 @@ def test_describe_and_traceback_keep_type_and_our_frames() -> None:
         text = phi.format_traceback(outer)
     assert_clean(text)
     assert "ValueError (message withheld" in text
-    assert "worker.jobs.JobError: SEG failed: ValueError in enum" in text
+    assert "worker.scheduling.jobs.JobError: SEG failed: ValueError in enum" in text
     assert "direct cause of the following exception" in text
     assert "test_phi.py" not in text  # not our package: a summarised frame
     assert "frames in tests.test_phi, enum]" in text
@@ -136,11 +136,11 @@ def test_library_log_lines_and_warnings_are_reworded(log_stream: io.StringIO) ->
         {"name": "t", "id": "1", "description": "raised unexpected", "exc": f"ValueError({NAME})"},
     )
     exc = _library_error()
-    logging.getLogger("worker.jobs").warning("job %d failed: %s", 7, exc)
+    logging.getLogger("worker.scheduling.jobs").warning("job %d failed: %s", 7, exc)
     try:
         raise exc
     except ValueError:
-        logging.getLogger("worker.jobs").exception("job %d failed", 7)
+        logging.getLogger("worker.scheduling.jobs").exception("job %d failed", 7)
         logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
     out = log_stream.getvalue()
     assert_clean(out)
@@ -158,8 +158,8 @@ def test_library_log_lines_and_warnings_are_reworded(log_stream: io.StringIO) ->
 def test_a_jobs_values_are_masked_in_our_own_lines(log_stream: io.StringIO) -> None:
     with log_context(job_id=3, study=STUDY):
         phi.remember(header())
-        logging.getLogger("worker.pipeline").info("reading %s of %s", ACCESSION, NAME)
-    logging.getLogger("worker.pipeline").info("after the job: %s", PATIENT_ID)
+        logging.getLogger("worker.pipeline.run").info("reading %s of %s", ACCESSION, NAME)
+    logging.getLogger("worker.pipeline.run").info("after the job: %s", PATIENT_ID)
     out = log_stream.getvalue()
     assert "reading *** of ***" in out and "job_id=3" in out
     assert f"after the job: {PATIENT_ID}" in out  # nothing known outside a job

@@ -26,10 +26,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import Node, NodeFactory, free_port, have, port_open, send_datasets, wait_for
 from tests.dicom_peers import storescp
-from worker.phantoms import generate_chest_ct, phantom_to_datasets
-from worker.registry import DEMO_MODELS_DIR
+from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,

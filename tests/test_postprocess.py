@@ -1,4 +1,4 @@
-"""worker.postprocess: volumes, components, diameters, centroids, aggregation."""
+"""worker.pipeline.postprocess: volumes, components, diameters, centroids, aggregation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from worker.postprocess import classify, components, label_volume_ml, max_diameter_mm
+from worker.pipeline.postprocess import classify, components, label_volume_ml, max_diameter_mm
 
 
 def sphere(
@@ -191,7 +191,7 @@ def test_max_consistent_ignores_single_thin_slice_false_positives() -> None:
 
 
 def test_opening_cuts_an_attached_vessel_off_a_nodule() -> None:
-    from worker.postprocess import open_mask
+    from worker.pipeline.postprocess import open_mask
 
     spacing = (1.0, 0.7, 0.7)
     z, y, x = np.mgrid[:40, :60, :60].astype(float)

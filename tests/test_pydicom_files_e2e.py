@@ -25,7 +25,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from dicomnode.scp import TRANSFER_SYNTAXES
 from tests.conftest import NodeFactory, port_open, send_datasets, send_files_raw, wait_for
 from tests.factory import write_ct_series
-from worker.registry import DEMO_MODELS_DIR
+from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,12 +1,12 @@
-"""Model input recipes (worker/recipe.py) and soft volumes (worker/postprocess.py)."""
+"""Model input recipes (pipeline/recipe.py) and soft volumes (pipeline/postprocess.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from worker import postprocess, recipe
-from worker.recipe import RecipeError
+from worker.pipeline import postprocess, recipe
+from worker.pipeline.recipe import RecipeError
 
 CT_RECIPE = {
     "mode": "axial_slices",

@@ -21,6 +21,7 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 
+from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import (
     Node,
     NodeFactory,
@@ -33,8 +34,7 @@ from tests.conftest import (
 )
 from tests.dicom_peers import RecordingSCP, storescp
 from tests.factory import CANARY_ID, CANARY_NAME
-from worker.phantoms import generate_chest_ct, phantom_to_datasets
-from worker.registry import DEMO_MODELS_DIR
+from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,

@@ -37,9 +37,9 @@ from dicomnode.results import (
 )
 from dicomnode.scu import classify_status
 from dicomnode.uids import DEFAULT_UID_ROOT, InvalidUID, derived_uid, validate_uid
+from testkit.phantoms import Nodule, generate_chest_ct, phantom_to_datasets, sample_geometry
 from tests.conftest import have
-from worker.phantoms import Nodule, generate_chest_ct, phantom_to_datasets, sample_geometry
-from worker.volume import load_series
+from worker.pipeline.volume import load_series
 
 LUNG = CodeSpec("39607008", "SCT", "Lung")
 NODULE = CodeSpec("786838002", "SCT", "Lung nodule")
@@ -558,7 +558,7 @@ def test_seg_frames_reference_the_right_slices(tmp_path: Path, order: str) -> No
 
 
 def test_key_image(tmp_path: Path) -> None:
-    from worker.reporting import key_image_lines
+    from worker.results.report import key_image_lines
 
     paths, truth, _ = _series(tmp_path / "s")
     seg_in, volume = _seg_input(paths, truth)
@@ -699,7 +699,7 @@ def test_delivery_rows_backoff_and_idempotence(tmp_path: Path) -> None:
         upsert_delivery,
     )
     from db.session import session_scope
-    from worker.dispatch import backoff_seconds
+    from worker.delivery.dispatch import backoff_seconds
     from worker.settings import load_settings
 
     url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
@@ -743,9 +743,9 @@ def test_delivery_rows_backoff_and_idempotence(tmp_path: Path) -> None:
 
 
 def test_worker_draws_each_nodule(tmp_path: Path) -> None:
-    from worker import postprocess
-    from worker.registry import DEMO_MODELS_DIR, load_manifest
-    from worker.reporting import ModelResult, drawn_findings_of, findings_of
+    from worker.pipeline import postprocess
+    from worker.pipeline.registry import DEMO_MODELS_DIR, load_manifest
+    from worker.results.report import ModelResult, drawn_findings_of, findings_of
 
     paths, truth, _ = _series(tmp_path / "s", nodules=2, seed=5_000_005)
     seg_in, volume = _seg_input(paths, truth)

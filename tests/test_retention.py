@@ -48,8 +48,8 @@ from db.repo import (
 from db.session import dispose_all, session_scope
 from dicomnode.uids import relative_instance_path
 from tests.conftest import REPO, free_port, wait_for
-from worker.api import create_app
-from worker.retention import outbox_study_dir, prune_interval, prune_once, safe_path
+from worker.admin.api import create_app
+from worker.scheduling.retention import outbox_study_dir, prune_interval, prune_once, safe_path
 from worker.settings import Settings
 
 HOUR = dt.timedelta(hours=1)
@@ -96,7 +96,7 @@ class Seeded:
 
 
 def _outbox_rel(study_uid: str, sop_uid: str) -> str:
-    from worker.reporting import outbox_rel_path
+    from worker.results.report import outbox_rel_path
 
     return outbox_rel_path(study_uid, sop_uid)
 
@@ -375,7 +375,7 @@ def test_prune_interval() -> None:
 
 
 def test_scheduler_prunes_periodically(sqlite_settings: Settings) -> None:
-    from worker.scheduler import Scheduler
+    from worker.scheduling.scheduler import Scheduler
 
     settings = sqlite_settings.model_copy(update={"retention_hours": 0.0003})  # ~1 s
     study = seed(settings, "1.2.840.11")
@@ -446,7 +446,7 @@ def test_dashboard_shows_the_disk_warning() -> None:
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "worker.cli.main", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -508,10 +508,10 @@ def test_end_to_end_delivered_study_is_pruned(node_factory: Any, tmp_path: Path)
     """A real node receives a study, delivers its results to a real SCP, and then,
     once the retention is set, ``prune --dry-run`` lists it and the listener's
     scheduler prunes it when it starts."""
+    from testkit.phantoms import generate_chest_ct, phantom_to_datasets
     from tests.conftest import port_open, send_datasets
     from tests.dicom_peers import RecordingSCP
-    from worker.phantoms import generate_chest_ct, phantom_to_datasets
-    from worker.registry import DEMO_MODELS_DIR
+    from worker.pipeline.registry import DEMO_MODELS_DIR
 
     if not list(DEMO_MODELS_DIR.glob("*.json")):
         pytest.skip("demo models not built")

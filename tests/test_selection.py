@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from worker.registry import Routing
-from worker.selection import SeriesCandidate, select_series, skip_reason
+from worker.pipeline.registry import Routing
+from worker.pipeline.selection import SeriesCandidate, select_series, skip_reason
 
 CT = SeriesCandidate(
     series_instance_uid="1.2.3.1",

@@ -169,7 +169,7 @@ def test_cli_bad_setting_exits_2_with_one_line(tmp_path: Path, command: list[str
     env.update(PACS_AI_PORT="not-a-port", PACS_AI_DATA_DIR=str(tmp_path / "data"))
     env["PYTHONPATH"] = str(REPO)
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *command],
+        [sys.executable, "-m", "worker.cli.main", *command],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -189,7 +189,7 @@ def test_cli_unmigrated_database_is_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
     env.update(PACS_AI_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(REPO))
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "studies", "list", "--json"],
+        [sys.executable, "-m", "worker.cli.main", "studies", "list", "--json"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -24,16 +24,16 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.conftest import REPO, NodeFactory, port_open, send_datasets, wait_for
-from tests.test_results_objects import two_nodules
-from tests.viewer import OrthancWeb, ViewerServer, chromium, ohif_dist, require_viewer, screenshot
-from worker.phantoms import (
+from testkit.phantoms import (
     endoscopy_to_dataset,
     generate_chest_ct,
     generate_endoscopy_image,
     phantom_to_datasets,
 )
-from worker.registry import DEMO_MODELS_DIR
+from tests.conftest import REPO, NodeFactory, port_open, send_datasets, wait_for
+from tests.test_results_objects import two_nodules
+from tests.viewer import OrthancWeb, ViewerServer, chromium, ohif_dist, require_viewer, screenshot
+from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,4 +1,4 @@
-"""worker.volume: decoding every accepted transfer syntax, series geometry, headers."""
+"""worker.pipeline.volume: decoding every accepted transfer syntax, series geometry, headers."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from worker.volume import (
+from worker.pipeline.volume import (
     Volume,
     VolumeError,
     decoder_status,

@@ -1,4 +1,4 @@
-"""Unit tests of the API's browser-facing guards (worker/webguard.py): the Host
+"""Unit tests of the API's browser-facing guards (worker/admin/webguard.py): the Host
 allow-list against DNS rebinding, and cross-site writes refused, with and
 without tokens, on the real app in process (FastAPI's TestClient, SQLite)."""
 
@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from db.migrate import upgrade
 from db.models import Instance, Job, Series, Study
 from db.session import session_scope
-from worker.api import create_app
+from worker.admin.api import create_app
+from worker.admin.webguard import HostAllowList, allowed_hosts, same_origin, split_host
 from worker.settings import Settings, SettingsError, load_settings
-from worker.webguard import HostAllowList, allowed_hosts, same_origin, split_host
 
 ADMIN = "admin-token-0123456789abcdef"
 

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     model_time_limit: float = Field(default=600.0, gt=0)
     log_level: str = "INFO"
     log_format: str = "text"
-    # results returned to the PACS (dicomnode/results.py, worker/dispatch.py)
+    # results returned to the PACS (dicomnode/results.py, worker/delivery/dispatch.py)
     uid_root: str = "2.25"
     destinations: str = ""
     tls_ca_file: Path | None = None
@@ -104,14 +104,14 @@ class Settings(BaseSettings):
     delivery_retry_max: float = Field(default=3600.0, gt=0)
     dispatch_timeout: float = Field(default=60.0, gt=0)
     dispatch_concurrency: int = Field(default=2, ge=1, le=64)
-    # admin API and dashboard (worker/api.py)
+    # admin API and dashboard (worker/admin/api.py)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=1, le=65535)
     api_token: str = ""
     api_read_tokens: str = ""
     api_tls_cert: Path | None = None
     api_tls_key: Path | None = None
-    # Host header allow-list of the API (worker/webguard.py); empty: loopback + api_host
+    # Host header allow-list of the API (worker/admin/webguard.py); empty: loopback + api_host
     api_allowed_hosts: str = ""
     # Prometheus multiprocess files (worker/metrics.py); optional per-process endpoint
     metrics_dir: Path | None = None
@@ -284,7 +284,7 @@ class Settings(BaseSettings):
     def models_path(self) -> Path:
         if self.models_dir is not None:
             return self.models_dir.expanduser().resolve()
-        from worker.registry import DEMO_MODELS_DIR
+        from worker.pipeline.registry import DEMO_MODELS_DIR
 
         return DEMO_MODELS_DIR
 

@@ -161,8 +161,8 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     reconciler, retention) and supervises the others."""
     from dicomnode.scp import StorageSCP
     from worker import metrics
-    from worker.celery_app import create_app
-    from worker.scheduler import Scheduler
+    from worker.scheduling.celery_app import create_app
+    from worker.scheduling.scheduler import Scheduler
 
     processes = int(args.processes or settings.effective_listener_processes)
     helper = bool(args.no_scheduler)
@@ -229,7 +229,7 @@ class _ListenerProcesses(threading.Thread):
         self._closing = False
 
     def _spawn(self, i: int) -> None:
-        argv = [sys.executable, "-m", "worker.cli", "listen", "--no-scheduler", "--processes"]
+        argv = [sys.executable, "-m", "worker.cli.main", "listen", "--no-scheduler", "--processes"]
         proc = subprocess.Popen([*argv, str(self.count + 1)])
         self._procs[i] = proc
         self._spawned_at[i] = time.monotonic()
@@ -273,8 +273,8 @@ class _ListenerProcesses(threading.Thread):
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.celery_app import DISPATCH_QUEUE, INFERENCE_QUEUE, create_app
-    from worker.tasks import register_tasks
+    from worker.scheduling.celery_app import DISPATCH_QUEUE, INFERENCE_QUEUE, create_app
+    from worker.scheduling.tasks import register_tasks
 
     queue_list = [q.strip() for q in (args.queues or "").split(",") if q.strip()]
     unknown = set(queue_list) - {INFERENCE_QUEUE, DISPATCH_QUEUE}
@@ -327,13 +327,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     dispatch worker (its own process: a dead destination never holds up
     inference, nor a long job a delivery) and the API."""
     from worker import metrics
-    from worker.api import check_bind
+    from worker.admin.api import check_bind
 
     _setup(settings, "run")
     check_bind(settings)
     cmd_db_upgrade(settings, args)
     metrics.clear(settings.metrics_path)  # a fresh start for this node's counters
-    base = [sys.executable, "-m", "worker.cli"]
+    base = [sys.executable, "-m", "worker.cli.main"]
     specs = {
         "listener": [*base, "listen"],
         "worker": [*base, "worker", "--queues", "inference"],
@@ -437,7 +437,7 @@ def cmd_jobs_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.registry import discover
+    from worker.pipeline.registry import discover
 
     rows = [m.to_dict() for m in discover(settings.models_path)]
     _print_rows(rows, args.json, ["name", "version", "task", "enabled", "findings", "error"])
@@ -446,8 +446,8 @@ def cmd_models_list(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_models_check(settings: Settings, args: argparse.Namespace) -> int:
     """Verify hashes, load each model, run a dummy input; non-zero if any is broken."""
-    from worker.inference import RuntimeOptions, check_model
-    from worker.registry import discover
+    from worker.pipeline.inference import RuntimeOptions, check_model
+    from worker.pipeline.registry import discover
 
     options = RuntimeOptions(threads=settings.ort_threads, providers=settings.ort_provider_list)
     models = discover(settings.models_path)
@@ -569,7 +569,7 @@ def cmd_results_list(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     """The admin API and dashboard (blocks until SIGINT/SIGTERM)."""
-    from worker.api import check_bind, serve
+    from worker.admin.api import check_bind, serve
 
     _setup(settings, "api")
     check_bind(settings)
@@ -621,8 +621,8 @@ def cmd_reprocess(settings: Settings, args: argparse.Namespace) -> int:
     from db.queries import list_jobs, studies_with_results
     from db.repo import ReprocessRefused, create_reprocess_job
     from db.session import session_scope
-    from worker.celery_app import create_app
-    from worker.scheduler import send_job
+    from worker.scheduling.celery_app import create_app
+    from worker.scheduling.scheduler import send_job
 
     _setup(settings, "cli")
     url = settings.effective_database_url
@@ -733,8 +733,8 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     _check_schema(settings)
     from db.repo import reset_deliveries
     from db.session import session_scope
-    from worker.celery_app import create_app
-    from worker.dispatch import enqueue_deliveries
+    from worker.delivery.dispatch import enqueue_deliveries
+    from worker.scheduling.celery_app import create_app
 
     with session_scope(settings.effective_database_url) as session:
         ids = reset_deliveries(session, study_uid=args.study, job_id=args.job)
@@ -750,7 +750,7 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     """Delete the stored files of studies past PACS_AI_RETENTION_HOURS (the
     listener also does it periodically); --dry-run only lists them."""
     _check_schema(settings)
-    from worker.retention import prune_once
+    from worker.scheduling.retention import prune_once
 
     _setup(settings, "cli")
     if not args.dry_run:

@@ -21,8 +21,9 @@ from pydicom import dcmread
 from db.repo import replace_results
 from db.session import session_scope
 from dicomnode import phi
-from worker import metrics, postprocess, recipe
-from worker.inference import (
+from worker import metrics
+from worker.pipeline import postprocess, recipe
+from worker.pipeline.inference import (
     Deadline,
     ModelRunError,
     RuntimeOptions,
@@ -31,18 +32,18 @@ from worker.inference import (
     header_vector,
     run_batches,
 )
-from worker.jobs import InstanceRef, JobError, StudyContext, ensure_current
-from worker.registry import Manifest, RegisteredModel, discover
-from worker.reporting import ModelResult, build_result_objects
-from worker.selection import SeriesCandidate, select_series
-from worker.settings import Settings
-from worker.volume import (
+from worker.pipeline.registry import Manifest, RegisteredModel, discover
+from worker.pipeline.selection import SeriesCandidate, select_series
+from worker.pipeline.volume import (
     Volume,
     VolumeError,
     describe_series_headers,
     load_series,
     patient_features,
 )
+from worker.results.report import ModelResult, build_result_objects
+from worker.scheduling.jobs import InstanceRef, JobError, StudyContext, ensure_current
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
     volumes: dict[str, Volume | VolumeError] = {}
     features: dict[str, dict[str, float | None]] = {}
     outcomes: list[ModelOutcome] = []
-    reportable: list[ModelResult] = []  # for the SR/SEG (worker/reporting.py)
+    reportable: list[ModelResult] = []  # for the SR/SEG (worker/results/report.py)
     decode_s = 0.0
     for model in models:
         assert model.manifest is not None

@@ -84,7 +84,7 @@ def safe_path(root: Path, rel_path: str) -> Path | None:
 
 def outbox_study_dir(study_uid: str) -> str:
     """The outbox folder of a study's result objects, relative to the outbox
-    (the layout of :func:`worker.reporting.outbox_rel_path`)."""
+    (the layout of :func:`worker.results.report.outbox_rel_path`)."""
     return uid_digest(study_uid)[:32]
 
 

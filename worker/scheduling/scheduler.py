@@ -2,7 +2,7 @@
 
 Both run as one background thread in the listener process, and the reconciler
 also once when a worker starts. With ``PACS_AI_RETENTION_HOURS`` > 0 the same
-thread prunes finished studies (:mod:`worker.retention`). The database is the
+thread prunes finished studies (:mod:`worker.scheduling.retention`). The database is the
 source of truth: a job row is committed before its id is sent, and anything the
 broker lost is sent again.
 """
@@ -21,9 +21,9 @@ from db.models import Job, JobStatus, Study, utcnow
 from db.repo import create_job_if_stable, mark_enqueued, requeue_job, supersede_older_jobs
 from db.session import session_scope
 from dicomnode.assembly import StudyState, is_complete
-from worker.celery_app import INFERENCE_QUEUE, PROCESS_JOB_TASK
-from worker.dispatch import dispatch_due_once
-from worker.retention import SCHEDULER_BATCH, prune_interval, prune_once
+from worker.delivery.dispatch import dispatch_due_once
+from worker.scheduling.celery_app import INFERENCE_QUEUE, PROCESS_JOB_TASK
+from worker.scheduling.retention import SCHEDULER_BATCH, prune_interval, prune_once
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

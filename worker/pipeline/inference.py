@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.registry import Manifest, RegisteredModel
+from worker.pipeline.registry import Manifest, RegisteredModel
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ from dicomnode.results import (
     outline,
 )
 from dicomnode.uids import uid_digest, validate_uid
-from worker.jobs import JobError, StudyContext, ensure_current
-from worker.registry import Code, Manifest
+from worker.pipeline.registry import Code, Manifest
+from worker.pipeline.volume import Volume
+from worker.scheduling.jobs import JobError, StudyContext, ensure_current
 from worker.settings import Settings
-from worker.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def build_result_objects(
         ", ".join(o.kind for o in objects),
         len(queued),
     )
-    from worker.dispatch import enqueue_deliveries
+    from worker.delivery.dispatch import enqueue_deliveries
 
     enqueue_deliveries(settings, queued)  # after commit; the scheduler covers failures
     return {

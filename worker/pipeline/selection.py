@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.registry import Routing
+from worker.pipeline.registry import Routing
 
 # Objects that are never inputs: SR, SEG, presentation states, KOS, RT, waveforms ...
 NON_IMAGE_MODALITIES = frozenset({"SR", "SEG", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "REG"})

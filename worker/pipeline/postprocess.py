@@ -1,7 +1,7 @@
 """Postprocessing of model outputs: label volumes, connected components, aggregation.
 
 Pure functions over numpy arrays. Label arrays are indexed ``(slice, row, column)``
-like :class:`worker.volume.Volume` pixels, and ``spacing`` is
+like :class:`worker.pipeline.volume.Volume` pixels, and ``spacing`` is
 ``(slice_mm, row_mm, col_mm)``.
 """
 
@@ -219,7 +219,7 @@ def components(
     Components smaller than ``min_voxels`` are dropped. ``centroid_mm`` is given in
     patient coordinates when ``origin`` is (with the direction cosines of the volume;
     missing directions default to the patient axes), following
-    :meth:`worker.volume.Volume.voxel_to_patient`; otherwise it is None.
+    :meth:`worker.pipeline.volume.Volume.voxel_to_patient`; otherwise it is None.
     """
     s = _spacing(spacing)
     full = _as_3d(labels) == value

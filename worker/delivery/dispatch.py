@@ -34,7 +34,7 @@ from db.session import session_scope
 from dicomnode.destinations import Destination
 from dicomnode.scu import SendResult, store_files, tls_context
 from worker import metrics
-from worker.celery_app import DISPATCH_QUEUE, DISPATCH_TASK
+from worker.scheduling.celery_app import DISPATCH_QUEUE, DISPATCH_TASK
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _app(settings: Settings) -> Celery:
     key = id(settings)
     app = _apps.get(key)
     if app is None:
-        from worker.celery_app import create_app
+        from worker.scheduling.celery_app import create_app
 
         app = _apps[key] = create_app(settings)
     return app

@@ -8,10 +8,10 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_ready
 
-from worker.celery_app import DISPATCH_TASK, PROCESS_JOB_TASK
-from worker.dispatch import dispatch_deliveries, use_app
-from worker.jobs import run_job
-from worker.pipeline import process_study
+from worker.delivery.dispatch import dispatch_deliveries, use_app
+from worker.pipeline.run import process_study
+from worker.scheduling.celery_app import DISPATCH_TASK, PROCESS_JOB_TASK
+from worker.scheduling.jobs import run_job
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ def register_tasks(app: Celery) -> None:
 
     @worker_ready.connect(weak=False)
     def _reconcile_at_start(**_: Any) -> None:
-        from worker.dispatch import dispatch_due_once
-        from worker.scheduler import reconcile_once
+        from worker.delivery.dispatch import dispatch_due_once
+        from worker.scheduling.scheduler import reconcile_once
 
         try:
             reconcile_once(settings, app)

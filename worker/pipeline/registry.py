@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 log = logging.getLogger(__name__)
 
-DEMO_MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEMO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 class ManifestError(ValueError):

@@ -13,7 +13,7 @@ token (``PACS_AI_API_TOKEN``; 403 for a read-only one from
 ``PACS_AI_API_READ_TOKENS``). A configured token is either the token itself or
 ``sha256:<hex digest of the token>``.
 
-With or without tokens, :mod:`worker.webguard` answers 421 to a ``Host`` header
+With or without tokens, :mod:`worker.admin.webguard` answers 421 to a ``Host`` header
 outside ``PACS_AI_API_ALLOWED_HOSTS`` (DNS rebinding) and 403 to a ``POST``
 without a JSON body or with a foreign ``Origin`` (cross-site requests).
 """
@@ -42,8 +42,8 @@ from sqlalchemy.orm import Session
 from db import queries
 from db.session import get_engine, session_scope
 from worker import metrics
+from worker.admin.webguard import WebGuard, allowed_hosts
 from worker.settings import Settings, SettingsError
-from worker.webguard import WebGuard, allowed_hosts
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class _ModelCache:
         )
 
     def rows(self) -> list[dict[str, Any]]:
-        from worker.registry import discover
+        from worker.pipeline.registry import discover
 
         with self._lock:
             key = self._stamp()
@@ -241,7 +241,7 @@ def _storage_space_or_none(settings: Settings) -> dict[str, Any] | None:
 
 
 def _static(name: str) -> str:
-    return resources.files("worker").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("worker.admin").joinpath("static", name).read_text(encoding="utf-8")
 
 
 # -- the application ----------------------------------------------------------------
@@ -257,7 +257,7 @@ def create_app(settings: Settings) -> FastAPI:
     def celery() -> Any:
         with celery_lock:
             if not celery_holder:
-                from worker.celery_app import create_app as create_celery
+                from worker.scheduling.celery_app import create_app as create_celery
 
                 celery_holder.append(create_celery(settings))
             return celery_holder[0]
@@ -543,7 +543,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     def reprocess(study_uid: str, _: Admin) -> dict[str, Any]:
         from db.repo import ReprocessRefused, create_reprocess_job
-        from worker.scheduler import send_job
+        from worker.scheduling.scheduler import send_job
 
         try:
             with db() as session:
@@ -569,7 +569,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     def resend(study_uid: str, _: Admin) -> dict[str, Any]:
         from db.repo import reset_deliveries
-        from worker.dispatch import enqueue_deliveries
+        from worker.delivery.dispatch import enqueue_deliveries
 
         with db() as session:
             ids = reset_deliveries(session, study_uid=study_uid)
