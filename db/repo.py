@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -423,7 +424,7 @@ def requeue_job(session: Session, job_id: int, expired_before: dt.datetime | Non
 
 
 def replace_results(
-    session: Session, study_id: int, job_id: int, model: str, rows: list[dict[str, Any]]
+    session: Session, study_id: int, job_id: int, model: str, rows: Sequence[Mapping[str, Any]]
 ) -> None:
     """Store a model's results for a study, replacing what that model said before
     (re-running a job or reprocessing a study never duplicates results)."""

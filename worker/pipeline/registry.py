@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from worker.pipeline.kinds import REGISTRY
+
 log = logging.getLogger(__name__)
 
 DEMO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -101,7 +103,8 @@ class Manifest(BaseModel):
     version: str = Field(min_length=1, max_length=32)
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    task: Literal["classification", "segmentation"]
+    #: the task kind: a key of :data:`worker.pipeline.kinds.REGISTRY`
+    task: str
     model_card: str = ""
     inputs: list[InputSpec] = Field(min_length=1)
     preprocessing: dict[str, Any]
@@ -118,6 +121,13 @@ class Manifest(BaseModel):
     labels: list[Label] = Field(min_length=1)
     routing: Routing
     time_limit_seconds: float | None = Field(default=None, gt=0)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in REGISTRY:
+            raise ValueError(f"task must be one of {', '.join(sorted(REGISTRY))}")
+        return value
 
     @field_validator("file")
     @classmethod

@@ -14,11 +14,9 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -28,161 +26,27 @@ from dicomnode.results import (
     BuiltObject,
     CodeSpec,
     Finding,
-    ModelSpec,
-    PlanarRegion,
     ResultBuildError,
     SegInput,
     SegmentSpec,
     build_key_image,
     build_seg,
     build_sr,
-    focal_components,
-    hull,
-    largest_slice,
-    outline,
 )
 from dicomnode.uids import uid_digest, validate_uid
-from worker.pipeline.registry import Code, Manifest
-from worker.pipeline.volume import Volume
+from worker.pipeline.kinds import handler_for
+from worker.pipeline.kinds.base import ModelResult
+from worker.results.drawing import DrawnFinding, _model_spec, _spec
 from worker.scheduling.jobs import JobError, StudyContext, ensure_current
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ModelResult:
-    """What one model produced on one series, as the reporting step needs it."""
-
-    manifest: Manifest
-    series_instance_uid: str
-    volume: Volume
-    rows: list[dict[str, Any]]
-    labels: np.ndarray | None  # segmentation label volume, slices in volume order
-
-
-def _spec(code: Code | None) -> CodeSpec | None:
-    return CodeSpec(code.value, code.scheme, code.meaning) if code is not None else None
-
-
-def _model_spec(manifest: Manifest) -> ModelSpec:
-    return ModelSpec(manifest.name, manifest.version, manifest.sha256)
-
-
-@dataclass(frozen=True)
-class DrawnFinding:
-    """A finding and where it is drawn: its slice in the model's volume and its
-    mask there (the key image outlines it)."""
-
-    finding: Finding
-    slice_index: int
-    mask: np.ndarray
-
-
-def _frame_of(volume: Volume, k: int) -> int | None:
-    """The frame number of slice ``k`` when its instance is multi-frame."""
-    uid = volume.sop_instance_uids[k]
-    if volume.sop_instance_uids.count(uid) > 1:
-        return int(volume.frame_numbers[k])
-    return None
-
-
-def _region(volume: Volume, k: int, points: Any) -> PlanarRegion | None:
-    if points is None:
-        return None
-    return PlanarRegion(
-        volume.sop_instance_uids[k], tuple(points), "POLYLINE", _frame_of(volume, k)
-    )
-
-
-def _nodules(result: ModelResult, base: Finding, m: dict[str, Any]) -> list[DrawnFinding]:
-    """One finding per reported focal component (largest first), drawn on the slice
-    where it is largest: the stored measurements matched to the components of the
-    label volume by their centroids."""
-    assert result.labels is not None and base.label_value is not None
-    found = focal_components(result.labels, int(base.label_value))
-    rows = [c for c in m.get("components") or [] if c.get("centroid_voxel") is not None]
-    total = max(int(m.get("count") or 0), len(rows))
-    out: list[DrawnFinding] = []
-    for number, row in enumerate(rows, start=1):
-        if not found:
-            break
-        where = np.asarray(row["centroid_voxel"], dtype=np.float64)
-        nearest = min(
-            range(len(found)),
-            key=lambda i: float(np.sum((np.asarray(found[i].centroid_voxel) - where) ** 2)),
-        )
-        comp = found.pop(nearest)
-        region = _region(result.volume, comp.slice_index, outline(comp.mask))
-        if region is None:
-            continue
-        finding = replace(
-            base,
-            volume_ml=row.get("volume_ml"),
-            longest_diameter_mm=row.get("max_diameter_mm"),
-            region=region,
-            component=number,
-            components=total,
-        )
-        out.append(DrawnFinding(finding, comp.slice_index, comp.mask))
-    return out
-
-
 def drawn_findings_of(result: ModelResult) -> list[Finding | DrawnFinding]:
-    """The findings of one model's result rows; those with an image region come
-    with their slice and mask. A focal segmentation row gives one finding per
-    reported component (each nodule on the slice where it is largest); a
-    non-focal one its region on the slice where it is largest."""
-    manifest = result.manifest
-    volume = result.volume
-    labels = {label.value: label for label in manifest.labels}
-    model = _model_spec(manifest)
-    out: list[Finding | DrawnFinding] = []
-    for row in result.rows:
-        label = labels.get(int(row.get("label_value") or 0))
-        code = CodeSpec(row["finding_code_value"], row["finding_code_scheme"], row["finding"])
-        m = row.get("measurements") or {}
-        top = m.get("max_slice_index")
-        base = Finding(
-            model=model,
-            kind=manifest.task,
-            code=code,
-            present=bool(row.get("present")),
-            probability=row.get("probability"),
-            category=_spec(label.category) if label else None,
-            finding_site=_spec(label.finding_site) if label else None,
-            label_value=row.get("label_value"),
-            volume_ml=m.get("volume_ml") if manifest.task == "segmentation" else None,
-            longest_diameter_mm=m.get("largest_diameter_mm"),
-            focal=bool(label.focal) if label else False,
-            key_sop_instance_uid=m.get("max_slice_sop_instance_uid"),
-            key_frame_number=(
-                _frame_of(volume, int(top))
-                if isinstance(top, int) and 0 <= top < len(volume.sop_instance_uids)
-                else None
-            ),
-        )
-        drawable = (
-            manifest.task == "segmentation"
-            and result.labels is not None
-            and base.present
-            and base.label_value is not None
-        )
-        if not drawable:
-            out.append(base)
-            continue
-        assert result.labels is not None and base.label_value is not None
-        if base.focal:
-            nodules = _nodules(result, base, m)
-            out.extend(nodules or [base])
-            continue
-        best = largest_slice(result.labels, int(base.label_value))
-        region = _region(volume, best[0], hull(best[1])) if best is not None else None
-        if best is None or region is None:
-            out.append(base)
-        else:
-            out.append(DrawnFinding(replace(base, region=region), best[0], best[1]))
-    return out
+    """The findings of one model's result records, by its kind's handler; those
+    with an image region come with their slice and mask."""
+    return handler_for(result.manifest.task).findings(result)
 
 
 def findings_of(result: ModelResult) -> list[Finding]:
@@ -222,7 +86,7 @@ def build_objects(
             sources.setdefault(str(ds.SOPInstanceUID), ds)
         drawn = drawn_findings_of(result)
         findings.extend(d.finding if isinstance(d, DrawnFinding) else d for d in drawn)
-        if result.manifest.task != "segmentation" or result.labels is None:
+        if result.labels is None:  # no label volume: nothing to segment
             continue
         segments = [
             SegmentSpec(
@@ -259,8 +123,9 @@ def build_objects(
                 per_slice,
                 [d for d in drawn if isinstance(d, DrawnFinding)],
             )
-    # the SEG-less segmentation findings cannot reference a segment: report without them
-    reportable = [f for f in findings if f.kind != "segmentation" or f.model.name in segs]
+    # findings of a label volume without a SEG cannot reference a segment: left out
+    labelled = {r.manifest.name for r in results if r.labels is not None}
+    reportable = [f for f in findings if f.model.name not in labelled or f.model.name in segs]
     if reportable:
         sr = build_sr(reportable, list(sources.values()), segs, root)
         built.insert(0, BuiltObject("sr", sr))
@@ -298,7 +163,7 @@ def key_image_lines(shown: Finding, findings: Sequence[Finding]) -> list[str]:
         size.append(f"volume {shown.volume_ml:.2f} cm3")
     lines = [f"{shown.label}: {', '.join(size)}" if size else shown.label]
     for f in findings:
-        if f.kind == "classification" and f.code == shown.code and f.probability is not None:
+        if f.probability is not None and f.code == shown.code:
             lines.append(
                 f"{f.code.meaning} probability {100.0 * f.probability:.0f} % "
                 f"({f.model.name} {f.model.version})"

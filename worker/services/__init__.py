@@ -1,0 +1,7 @@
+"""What the CLI and the API both do: list filters, reprocess, resend.
+
+Owns: the "commit, then send" order of reprocess and resend. Calls :mod:`db`
+for SQL and the broker through :mod:`worker.scheduling` /
+:mod:`worker.delivery`; must not import :mod:`worker.admin` or
+:mod:`worker.cli`.
+"""
