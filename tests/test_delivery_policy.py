@@ -16,8 +16,8 @@ from db.models import Delivery, DeliveryStatus, Study, utcnow
 from db.queries import delivery_backlog
 from db.repo import reset_deliveries
 from db.session import session_scope
-from dicomnode.scu import SendResult
-from worker.delivery import dispatch
+from dicomnode.protocols import SendResult
+from dicomnode.protocols.cstore import CStoreDestination
 from worker.delivery.dispatch import backoff_seconds, dispatch_deliveries, next_retry_at
 from worker.settings import Settings
 
@@ -104,7 +104,7 @@ def test_transient_failures_retry_past_attempts_until_max_age(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     down = SendResult("transient", "association refused (connection failed)")
-    monkeypatch.setattr(dispatch, "store_files", lambda _d, paths, *_a, **_k: [down] * len(paths))
+    monkeypatch.setattr(CStoreDestination, "send", lambda _d, paths, _ctx: [down] * len(paths))
     young = _add(settings, 2, utcnow() - dt.timedelta(hours=2), attempts=40)
     old = _add(settings, 1, utcnow() - dt.timedelta(hours=25), attempts=3)
     counts = dispatch_deliveries(young + old, settings)
@@ -126,9 +126,7 @@ def test_transient_failures_retry_past_attempts_until_max_age(
 
     # a permanent failure still ends at once
     refused = SendResult("permanent", "C-STORE status 0xA900")
-    monkeypatch.setattr(
-        dispatch, "store_files", lambda _d, paths, *_a, **_k: [refused] * len(paths)
-    )
+    monkeypatch.setattr(CStoreDestination, "send", lambda _d, paths, _ctx: [refused] * len(paths))
     with session_scope(settings.effective_database_url) as session:
         session.execute(update(Delivery).values(next_attempt_at=utcnow()))
     dispatch_deliveries(young, settings)

@@ -16,7 +16,8 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from dicomnode.destinations import Destination
+    from dicomnode.pacs_query import QueryPeer
+    from dicomnode.protocols import Destination
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 # an API host allow-list entry: '*', '*.domain', a host name, an IPv4 or an IPv6 address
@@ -92,10 +93,12 @@ class Settings(BaseSettings):
     log_format: str = "text"
     # results returned to the PACS (dicomnode/results.py, worker/delivery/dispatch.py)
     uid_root: str = "2.25"
-    destinations: str = ""
+    destinations: str = Field(default="", repr=False)  # may hold user:password@
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # bearer token of stow+http(s):// destinations without user:password (never shown)
+    dicomweb_token: str = Field(default="", repr=False)
     # deprecated and ignored: transient retries end by age (delivery_max_age_hours)
     delivery_max_attempts: int = Field(default=12, ge=1, le=1000)
     delivery_max_age_hours: float = Field(default=168.0, gt=0, le=24 * 365 * 10)
@@ -104,6 +107,8 @@ class Settings(BaseSettings):
     delivery_retry_max: float = Field(default=3600.0, gt=0)
     dispatch_timeout: float = Field(default=60.0, gt=0)
     dispatch_concurrency: int = Field(default=2, ge=1, le=64)
+    # the PACS asked (C-FIND) how many instances a study has: [tls://]AE@host:port
+    pacs: str = ""
     # admin API and dashboard (worker/admin/api.py)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=1, le=65535)
@@ -113,9 +118,20 @@ class Settings(BaseSettings):
     api_tls_key: Path | None = None
     # Host header allow-list of the API (worker/admin/webguard.py); empty: loopback + api_host
     api_allowed_hosts: str = ""
+    # STOW-RS in (worker/admin/stow_rs.py): tokens that may only store instances
+    stow_tokens: str = Field(default="", repr=False)
+    stow_max_request_bytes: int = Field(default=16 * 1024**3, ge=1024)
     # Prometheus multiprocess files (worker/metrics.py); optional per-process endpoint
     metrics_dir: Path | None = None
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # patient linkage and identifiers at rest (dicomnode/identity.py): the secret key;
+    # unset: <data dir>/secret.key, created (mode 0600) when missing
+    secret_key_file: Path | None = None
+    # a nodule result's comparison with the patient's prior study (worker/results/priors.py):
+    # off, local (studies pacs-ai processed) or pacs (also C-FIND/C-MOVE on PACS_AI_PACS)
+    priors: str = "local"
+    # seconds a job waits for a prior retrieved from the PACS to be processed
+    prior_wait_seconds: float = Field(default=600.0, gt=0, le=3600)
 
     @field_validator("ae_title")
     @classmethod
@@ -153,13 +169,35 @@ class Settings(BaseSettings):
     @field_validator("destinations")
     @classmethod
     def _destinations(cls, value: str) -> str:
-        from dicomnode.destinations import parse_destinations
+        from dicomnode.protocols import parse_destinations
 
         try:
             parse_destinations(value)
         except ValueError as exc:
             raise ValueError(f"PACS_AI_DESTINATIONS: {exc}") from None
         return value
+
+    @field_validator("dicomweb_token")
+    @classmethod
+    def _dicomweb_token(cls, value: str) -> str:
+        token = value.strip()
+        if not all("\x21" <= c <= "\x7e" for c in token):  # it goes into an HTTP header
+            raise ValueError(
+                "PACS_AI_DICOMWEB_TOKEN: the token must be printable ASCII without spaces"
+            )
+        return token
+
+    @field_validator("pacs")
+    @classmethod
+    def _pacs(cls, value: str) -> str:
+        from dicomnode.pacs_query import parse_peer
+
+        if value.strip():
+            try:
+                parse_peer(value)
+            except ValueError as exc:
+                raise ValueError(f"PACS_AI_PACS: {exc}") from None
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod
@@ -197,7 +235,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("api_token", "api_read_tokens")
+    @field_validator("api_token", "api_read_tokens", "stow_tokens")
     @classmethod
     def _tokens(cls, value: str, info: ValidationInfo) -> str:
         name = f"PACS_AI_{str(info.field_name).upper()}"
@@ -253,6 +291,32 @@ class Settings(BaseSettings):
 
     # -- derived values ---------------------------------------------------
 
+    @field_validator("priors")
+    @classmethod
+    def _priors(cls, value: str) -> str:
+        lowered = value.strip().lower()
+        if lowered not in {"off", "local", "pacs"}:
+            raise ValueError(f"PACS_AI_PRIORS {value!r} is not 'off', 'local' or 'pacs'")
+        return lowered
+
+    @model_validator(mode="after")
+    def _priors_need_pacs(self) -> Settings:
+        if self.priors == "pacs" and not self.pacs:
+            raise ValueError("PACS_AI_PRIORS=pacs needs PACS_AI_PACS (AE@host:port)")
+        return self
+
+    @property
+    def secret_key_path(self) -> Path:
+        """The secret key of patient linkage and identifiers at rest."""
+        if self.secret_key_file is not None:
+            return self.secret_key_file.expanduser().resolve()
+        return self.data_path / "secret.key"
+
+    @property
+    def secret_key_is_default(self) -> bool:
+        """No PACS_AI_SECRET_KEY_FILE: the key in the data dir, created when missing."""
+        return self.secret_key_file is None
+
     @property
     def data_path(self) -> Path:
         return self.data_dir.expanduser().resolve()
@@ -295,9 +359,16 @@ class Settings(BaseSettings):
 
     @property
     def destination_list(self) -> tuple[Destination, ...]:
-        from dicomnode.destinations import parse_destinations
+        from dicomnode.protocols import parse_destinations
 
         return parse_destinations(self.destinations)
+
+    @property
+    def pacs_peer(self) -> QueryPeer | None:
+        """The PACS queried for instance counts (``PACS_AI_PACS``), or None."""
+        from dicomnode.pacs_query import parse_peer
+
+        return parse_peer(self.pacs) if self.pacs else None
 
     @property
     def outbox_path(self) -> Path:
@@ -334,6 +405,10 @@ class Settings(BaseSettings):
     @property
     def api_auth_enabled(self) -> bool:
         return bool(self.api_admin_token_list or self.api_read_token_list)
+
+    @property
+    def stow_token_list(self) -> tuple[str, ...]:
+        return tuple(_split(self.stow_tokens))
 
     @property
     def api_allowed_host_list(self) -> tuple[str, ...]:

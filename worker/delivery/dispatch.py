@@ -14,7 +14,9 @@ due deliveries to the ``dispatch`` queue, served by its own worker process
 (``pacs-ai worker --queues dispatch``), so nothing is lost when the PACS, the
 broker or a worker is down and a dead destination never holds up inference. An
 attempt claims its row with a lease, so two messages for the same row never
-send it twice at once.
+send it twice at once. Each destination sends by its own protocol
+(``dest.send``: C-STORE, STOW-RS ..., ``dicomnode/protocols/``); dispatch only
+applies the outcomes.
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ from celery import Celery
 from db.models import DeliveryStatus, utcnow
 from db.repo import claim_delivery, due_deliveries, finish_delivery, mark_deliveries_enqueued
 from db.session import session_scope
-from dicomnode.destinations import Destination
-from dicomnode.scu import SendResult, store_files, tls_context
+from dicomnode.protocols import Destination, SendContext, SendResult
 from worker import metrics
 from worker.scheduling.celery_app import DISPATCH_QUEUE, DISPATCH_TASK
 from worker.settings import Settings
@@ -177,7 +178,7 @@ def dispatch_deliveries(ids: list[int], settings: Settings) -> dict[str, int]:
                 SendResult("permanent", f"destination {name} is no longer configured")
             ] * len(items)
         else:
-            results = _store(dest, items, settings)
+            results = _send_to(dest, items, settings)
         per_item = (time.monotonic() - started) / len(items)
         with session_scope(url) as session:
             sent_ids = []
@@ -223,17 +224,30 @@ def _record_delivered_latency(session: Any, delivery_ids: list[int]) -> None:
             metrics.record_study_latency("delivered", (now - last_at).total_seconds())
 
 
-def _store(dest: Destination, items: list[_Claimed], settings: Settings) -> list[SendResult]:
-    try:
-        ssl_context = (
-            tls_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
-            if dest.tls
-            else None
-        )
-    except (OSError, ValueError) as exc:
-        return [SendResult("transient", f"TLS set-up failed ({type(exc).__name__})")] * len(items)
+def send_context(settings: Settings) -> SendContext:
+    """What every destination's ``send`` needs from the settings."""
+    return SendContext(
+        calling_ae=settings.ae_title,
+        timeout=settings.dispatch_timeout,
+        tls_ca_file=settings.tls_ca_file,
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
+        dicomweb_token=settings.dicomweb_token,
+    )
+
+
+def _send_to(dest: Destination, items: list[_Claimed], settings: Settings) -> list[SendResult]:
+    """Send the items' files by the destination's own protocol (never raises)."""
     paths = [settings.outbox_path / item.rel_path for item in items]
-    return store_files(dest, paths, settings.ae_title, settings.dispatch_timeout, ssl_context)
+    try:
+        results = dest.send(paths, send_context(settings))
+    except Exception as exc:  # a protocol bug: retry later rather than keep the lease
+        log.exception("sending to %s failed unexpectedly", dest.name)
+        return [SendResult("transient", f"send failed ({type(exc).__name__})")] * len(items)
+    if len(results) != len(items):
+        log.error("%s returned %d results for %d files", dest.name, len(results), len(items))
+        return [SendResult("transient", "send returned no result for every file")] * len(items)
+    return results
 
 
 def _record(session: Any, item: _Claimed, result: SendResult, settings: Settings) -> str:

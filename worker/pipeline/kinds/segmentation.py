@@ -16,19 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker.pipeline import postprocess, recipe
-from worker.pipeline.kinds.base import (
-    ModelResult,
-    ModelRun,
-    ResultRecord,
-    RunInputs,
-    code_fields,
-    pixel_batches,
-)
+from worker.pipeline.kinds.base import ModelResult, ModelRun, ResultRecord, RunInputs
+from worker.pipeline.kinds.base import code_fields as code_fields
+from worker.pipeline.kinds.base import pixel_batches as pixel_batches
 from worker.pipeline.volume import Volume
 
-if TYPE_CHECKING:
-    from dicomnode.results import Finding
-    from worker.results.drawing import DrawnFinding
+if TYPE_CHECKING:  # the reporting side's types (imported there on use)
+    from worker.results.drawing import DrawnFinding, Finding
 
 
 class SegmentationHandler:

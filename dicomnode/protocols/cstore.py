@@ -1,4 +1,8 @@
-"""C-STORE SCU: send result objects to one destination, classify each outcome.
+"""C-STORE SCU destinations: ``[tls://]AE@host:port[/profile]``.
+
+Every file of a batch goes in one association (Explicit and Implicit VR Little
+Endian proposed per SOP class), calling AE title ``PACS_AI_AE_TITLE``;
+``tls://`` runs it over TLS with the ``PACS_AI_TLS_*`` files.
 
 Transient failures (worth retrying later): the association is refused,
 aborted or times out, the peer cannot be reached, no response arrives, or the
@@ -11,62 +15,86 @@ or another failure status. Warnings (0xB000, 0xB006, 0xB007) and 0x0111
 
 from __future__ import annotations
 
-import logging
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 
-from dicomnode.destinations import Destination
+from dicomnode.protocols.base import (
+    DEFAULT_PROFILE,
+    Destination,
+    SendContext,
+    SendResult,
+    classify_status,
+    parse_profile,
+    profile_text,
+    unreadable,
+)
 
-log = logging.getLogger(__name__)
-
-Outcome = Literal["sent", "transient", "permanent"]
-
-_SENT_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007, 0x0111})
-#: failures that are not the object's fault: resource limitation, duplicate invocation
-_TRANSIENT_STATUSES = frozenset({0x0210, 0x0213})
+_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)$")
+_ITEM = re.compile(r"^(?P<ae>[^@]+)@(?P<host>.+):(?P<port>\d{1,5})(/(?P<profile>.*))?$")
 
 
 @dataclass(frozen=True, slots=True)
-class SendResult:
-    outcome: Outcome
-    message: str
-    status: int | None = None
+class CStoreDestination(Destination):
+    """One DICOM peer that receives results by C-STORE."""
+
+    ae_title: str
+    host: str
+    port: int
+    profile: frozenset[str] = DEFAULT_PROFILE
+    tls: bool = False
+
+    @property
+    def name(self) -> str:
+        """The key of its delivery rows: ``AE@host:port``."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        prefix = "tls://" if self.tls else ""
+        return f"{prefix}{self.name}/{profile_text(self.profile)}"
+
+    def send(self, paths: Sequence[Path], ctx: SendContext) -> list[SendResult]:
+        ssl_context = None
+        if self.tls:
+            try:
+                ssl_context = ctx.ssl_context()
+            except (OSError, ValueError) as exc:
+                message = f"TLS set-up failed ({type(exc).__name__})"
+                return [SendResult("transient", message)] * len(paths)
+        return store_files(self, paths, ctx.calling_ae, ctx.timeout, ssl_context)
 
 
-def classify_status(status: int) -> Outcome:
-    """What a C-STORE response status means for a delivery."""
-    if status in _SENT_STATUSES:
-        return "sent"
-    if 0xA700 <= status <= 0xA7FF or status in _TRANSIENT_STATUSES:
-        return "transient"
-    if 0xFE00 <= status <= 0xFEFF:  # cancelled
-        return "transient"
-    return "permanent"
-
-
-def tls_context(
-    ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None
-) -> ssl.SSLContext:
-    """A client TLS context: verify the peer against ``ca_file`` (else the system
-    store); present ``cert_file``/``key_file`` when given."""
-    ctx = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None
-    )
-    if cert_file is not None:
-        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
-    return ctx
+def parse(rest: str, *, tls: bool) -> CStoreDestination:
+    """``AE@host:port[/profile]`` (after ``tls://`` when ``tls``)."""
+    item = f"tls://{rest}" if tls else rest
+    match = _ITEM.match(rest)
+    if match is None:
+        raise ValueError(
+            f"destination {item!r} is not of the form [tls://]AE@host:port[/sr+seg+ki]"
+        )
+    ae = match.group("ae").strip()
+    if not _AE.match(ae) or len(ae) > 16:
+        raise ValueError(f"destination {item!r}: AE title {ae!r} is not 1-16 printable characters")
+    host = match.group("host")
+    if not _HOST.match(host):
+        raise ValueError(f"destination {item!r}: {host!r} is not a host name or address")
+    port = int(match.group("port"))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"destination {item!r}: port {port} is not in 1-65535")
+    profile = parse_profile(match.group("profile"), item)
+    return CStoreDestination(ae, host, port, profile, tls=tls)
 
 
 def store_files(
-    destination: Destination,
+    destination: CStoreDestination,
     paths: Sequence[Path],
     calling_ae: str,
     timeout: float = 60.0,
@@ -79,14 +107,9 @@ def store_files(
         try:
             datasets.append(dcmread(path))
             results.append(None)
-        except FileNotFoundError:
-            datasets.append(None)
-            results.append(SendResult("permanent", "object file is missing from the outbox"))
         except Exception as exc:
             datasets.append(None)
-            results.append(
-                SendResult("permanent", f"object file unreadable ({type(exc).__name__})")
-            )
+            results.append(unreadable(exc))
     sop_classes = sorted({str(ds.SOPClassUID) for ds in datasets if ds is not None})
     if not sop_classes:
         return [r or SendResult("permanent", "nothing to send") for r in results]
