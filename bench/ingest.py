@@ -15,7 +15,17 @@ MB/s, the ratio pacs-ai / storescp (target >= 0.3x) and the listener's peak RSS
 medians are reported. Always exits 0 unless the benchmark itself fails; each
 target is reported as PASS or MISS.
 
+With ``--senders N`` (issue 12, done-when 3) it measures instead the aggregate
+ingest of N concurrent ``storescu`` (one series each, its own study) into one
+listener process and into ``--processes P`` (default: the number of cores)
+sharing the port, alternating, and prints the ratio (target >= 1.4x), with
+SQLite or, with ``--pg ADMIN_URL``, a fresh PostgreSQL database per round;
+every round checks that nothing was lost (every file stored and recorded, one
+study per sender) and every storescu succeeded.
+
     .venv/bin/python -m bench.ingest [--slices 300] [--size 512] [--rounds 3]
+    .venv/bin/python -m bench.ingest --senders 4 --slices 100 [--processes 2]
+        [--pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres]
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +54,7 @@ from tests.factory import write_ct_series
 REPO = Path(__file__).resolve().parent.parent
 
 RATIO_TARGET = 0.3
+SENDERS_TARGET = 1.4  # aggregate ingest, P listener processes / 1
 RSS_TARGET_MB = 300.0
 CALLED_AET = "PACSAI"
 
@@ -196,54 +210,142 @@ def pacs_ai(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     return result
 
 
-def run_pacs_ai(work: Path, files: list[Path], nbytes: int, pdu: int, keep_log: bool) -> Result:
+@contextmanager
+def fresh_pg(admin_url: str | None) -> Iterator[str | None]:
+    """A new, empty PostgreSQL database for one round (dropped after), or None."""
+    if not admin_url:
+        yield None
+        return
+    import psycopg
+
+    name = f"pacsai_bench_{uuid.uuid4().hex[:12]}"
+    dsn = admin_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def admin(sql: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql)
+
+    admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_pacs_ai(
+    work: Path,
+    groups: list[list[Path]],
+    nbytes: int,
+    pdu: int,
+    keep_log: bool,
+    processes: int = 0,
+    pg_admin: str | None = None,
+) -> Result:
+    """One round: a fresh listener (``processes`` sharing the port; 0: the
+    default), every group sent by its own concurrent storescu."""
     root = Path(tempfile.mkdtemp(prefix="pacs-ai-", dir=work))
     data = root / "data"
     port = free_port()
     env = pacs_ai_env(data, port)
-    pacs_ai(env, "db", "upgrade")
-    log_path = root / "listener.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli.main", "listen"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-        )
-    poller: RssPoller | None = None
-    try:
-        wait_port(port, proc)
-        poller = RssPoller(proc.pid)
-        poller.start()
-        cpu0 = sum(poller.proc.cpu_times()[:2])
-        t0 = time.perf_counter()
-        storescu(port, files, pdu)
-        seconds = time.perf_counter() - t0
-        cpu = sum(poller.proc.cpu_times()[:2]) - cpu0
-        poller.stop()
-        peak = max(poller.peak, vm_hwm(proc.pid))
-    finally:
-        if poller is not None and poller.is_alive():
+    if processes:
+        env["PACS_AI_LISTENER_PROCESSES"] = str(processes)
+    total = sum(len(g) for g in groups)
+    with fresh_pg(pg_admin) as database_url:
+        if database_url:
+            env["PACS_AI_DATABASE_URL"] = database_url
+        pacs_ai(env, "db", "upgrade")
+        log_path = root / "listener.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli.main", "listen"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=root,
+            )
+        poller: RssPoller | None = None
+        try:
+            wait_port(port, proc)
+            expected = processes or len(os.sched_getaffinity(0))  # the listener's default
+            if expected > 1:
+                wait_children(proc.pid, expected - 1)  # their start-up is not ingest
+            poller = RssPoller(proc.pid)
+            poller.start()
+            cpu0 = tree_cpu(poller.proc)
+            t0 = time.perf_counter()
+            concurrently([lambda g=g: storescu(port, g, pdu) for g in groups])
+            seconds = time.perf_counter() - t0
+            cpu = tree_cpu(poller.proc) - cpu0
             poller.stop()
-        stop(proc)
-    verify_pacs_ai(env, data, len(files))
+            peak = max(poller.peak, vm_hwm(proc.pid))
+        finally:
+            if poller is not None and poller.is_alive():
+                poller.stop()
+            stop(proc)
+        verify_pacs_ai(env, data, total, studies=len(groups))
     if keep_log:
         print(f"  listener log: {log_path}")
     else:
         shutil.rmtree(root, ignore_errors=True)
-    return Result(seconds, len(files), nbytes, peak / 2**20, cpu)
+    return Result(seconds, total, nbytes, peak / 2**20, cpu)
 
 
-def verify_pacs_ai(env: dict[str, str], data: Path, expected: int) -> None:
+def concurrently(calls: list[Callable[[], None]]) -> None:
+    """Run the calls in threads at once; raise the first failure."""
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], None]) -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def wait_children(pid: int, count: int, timeout: float = 60.0) -> None:
+    """Until the listener's extra processes are up (each has bound the port)."""
+    deadline = time.monotonic() + timeout
+    parent = psutil.Process(pid)
+    while time.monotonic() < deadline:
+        children = parent.children()
+        if len(children) >= count and all(_listening(c) for c in children):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{count} extra listener processes did not start")
+
+
+def _listening(proc: psutil.Process) -> bool:
+    try:
+        return any(c.status == psutil.CONN_LISTEN for c in proc.net_connections("tcp"))
+    except psutil.Error:
+        return False
+
+
+def tree_cpu(proc: psutil.Process) -> float:
+    """User + system CPU seconds of a process and its children (all threads)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with suppress(psutil.Error):
+            total += sum(p.cpu_times()[:2])
+    return total
+
+
+def verify_pacs_ai(env: dict[str, str], data: Path, expected: int, studies: int = 1) -> None:
     storage = data / "storage"
     stored = sum(1 for p in storage.rglob("*.dcm") if ".incoming" not in p.parts)
-    studies = json.loads(pacs_ai(env, "studies", "list", "--json").stdout)
-    in_db = sum(int(s["num_instances"]) for s in studies)
-    if stored != expected or in_db != expected or len(studies) != 1:
+    rows = json.loads(pacs_ai(env, "studies", "list", "--json").stdout)
+    in_db = sum(int(s["num_instances"]) for s in rows)
+    if stored != expected or in_db != expected or len(rows) != studies:
         raise RuntimeError(
-            f"pacs-ai stored {stored} files, {in_db} instances in {len(studies)} studies; "
-            f"expected {expected} in 1"
+            f"pacs-ai stored {stored} files, {in_db} instances in {len(rows)} studies; "
+            f"expected {expected} in {studies}"
         )
 
 
@@ -261,11 +363,21 @@ def main() -> int:
     )
     parser.add_argument("--only", choices=["storescp", "pacs-ai"], help="run one target only")
     parser.add_argument("--keep", action="store_true", help="keep the listener logs")
+    parser.add_argument(
+        "--senders", type=int, default=1, help="concurrent storescu, one series each (> 1: "
+        "compare one listener process with --processes)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--processes", type=int, default=0, help="with --senders: listener processes (0: cores)"
+    )
+    parser.add_argument("--pg", help="PostgreSQL admin URL: a fresh database per round")
     args = parser.parse_args()
     for tool in ("storescu", "storescp", "sync"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} not found (install dcmtk)", file=sys.stderr)
             return 1
+    if args.senders > 1:
+        return senders_main(args)
 
     work = Path(tempfile.mkdtemp(prefix="pacs-ai-bench-"))
     try:
@@ -285,7 +397,7 @@ def main() -> int:
                 dcmtk.append(r)
                 print(f"  round {i + 1} storescp: {r.seconds:6.2f} s  {r.ips:6.1f} inst/s")
             if args.only != "storescp":
-                r = run_pacs_ai(work, files, nbytes, args.pdu, args.keep)
+                r = run_pacs_ai(work, [files], nbytes, args.pdu, args.keep, pg_admin=args.pg)
                 ours.append(r)
                 print(
                     f"  round {i + 1} pacs-ai : {r.seconds:6.2f} s  {r.ips:6.1f} inst/s  "
@@ -295,6 +407,58 @@ def main() -> int:
         report(dcmtk, ours)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def senders_main(args: argparse.Namespace) -> int:
+    """Aggregate ingest of ``--senders`` concurrent associations: one listener
+    process vs ``--processes`` sharing the port."""
+    processes = args.processes or len(os.sched_getaffinity(0))
+    work = Path(tempfile.mkdtemp(prefix="pacs-ai-bench-"))
+    try:
+        t0 = time.perf_counter()
+        groups = [
+            write_ct_series(work / f"series{i}", args.slices, rows=args.size, cols=args.size)
+            for i in range(args.senders)
+        ]
+        nbytes = sum(p.stat().st_size for g in groups for p in g)
+        print(
+            f"{args.senders} senders x {args.slices} x {args.size}x{args.size} 16-bit CT "
+            f"(one study each), {nbytes / 1e6:.1f} MB in all, generated in "
+            f"{time.perf_counter() - t0:.1f} s; max PDU {args.pdu}; "
+            f"{'PostgreSQL' if args.pg else 'SQLite'}; 1 vs {processes} listener processes, "
+            f"{args.rounds} rounds each; {os.cpu_count()} CPUs"
+        )
+        results: dict[int, list[Result]] = {1: [], processes: []}
+        for i in range(args.rounds):
+            for n in results:
+                r = run_pacs_ai(work, groups, nbytes, args.pdu, args.keep, n, args.pg)
+                results[n].append(r)
+                print(
+                    f"  round {i + 1} {n} process{'es' if n > 1 else '  '}: {r.seconds:6.2f} s  "
+                    f"{r.ips:6.1f} inst/s  {r.mbps:6.1f} MB/s  peak RSS {r.peak_rss_mb:.0f} MB  "
+                    f"CPU {1000 * (r.cpu_seconds or 0) / r.instances:.1f} ms/instance",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"{'listener processes':<20}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'peak RSS MB':>13}")
+    for n, rs in results.items():
+        med = statistics.median
+        print(
+            f"{n:<20}{med(r.seconds for r in rs):>9.2f}{med(r.ips for r in rs):>9.1f}"
+            f"{med(r.mbps for r in rs):>9.1f}{max(r.peak_rss_mb or 0 for r in rs):>13.0f}"
+        )
+    print("(medians; peak RSS: the most of all the listener's processes together)")
+    ratio = statistics.median(r.ips for r in results[processes]) / statistics.median(
+        r.ips for r in results[1]
+    )
+    print(
+        f"aggregate ingest, {processes} processes / 1: {ratio:.2f}x (target >= "
+        f"{SENDERS_TARGET}x)  {verdict(ratio >= SENDERS_TARGET)}; nothing lost, every "
+        "storescu succeeded (checked each round)"
+    )
     return 0
 
 

@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -79,6 +80,20 @@ class Study(Base):
     needs_job: Mapped[bool] = mapped_column(Boolean, default=False)
     # Set when retention deleted the study's stored files (rows and results stay).
     pruned_at: Mapped[dt.datetime | None] = mapped_column()
+    # Patient linkage and identifiers at rest (dicomnode/identity.py), never in clear:
+    # the id of the secret key that made the values below,
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    # HMAC-SHA256 (hex) of IssuerOfPatientID + PatientID: the same patient, the same key,
+    patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    # HMAC-SHA256 (hex) of the AccessionNumber, for lookup by accession,
+    accession_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    # PatientID, IssuerOfPatientID and AccessionNumber sealed with AES-256-GCM,
+    identifiers: Mapped[str | None] = mapped_column(Text)
+    # and the StudyDate, which orders a patient's studies (priors).
+    study_date: Mapped[dt.date | None] = mapped_column(Date)
+    # Set on a study pacs-ai fetched from the PACS as the prior of this study (its UID):
+    # its own priors are looked up locally only.
+    prior_of: Mapped[str | None] = mapped_column(UID)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     jobs: Mapped[list[Job]] = relationship(back_populates="study")
@@ -212,3 +227,37 @@ class Delivery(Base):
         UniqueConstraint("sop_instance_uid", "destination", name="uq_deliveries_sop_destination"),
         Index("ix_deliveries_status_next", "status", "next_attempt_at"),
     )
+
+
+class AuditRecord(Base):
+    """Who read or changed what, when, from where, with what outcome: one row per
+    API request and per CLI command (worker/admin/audit.py). Never a token, its
+    digest, a patient identifier or a query's value other than a Study UID."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    interface: Mapped[str] = mapped_column(String(8))  # api | cli
+    # the token's configured role and index ("admin#0", "read#1"), "anonymous",
+    # "local" (no tokens configured), or the operating system user of a CLI command
+    actor: Mapped[str] = mapped_column(String(64))
+    # the client's address, or "cli:<user>"
+    source: Mapped[str] = mapped_column(String(128))
+    # "GET /api/studies/{study_uid}" (the route, query parameter names only) or
+    # "studies list --accession --json" (option names only)
+    action: Mapped[str] = mapped_column(String(255))
+    # the Study Instance UID(s) concerned, comma-separated
+    studies: Mapped[str | None] = mapped_column(Text)
+    # the HTTP status, or the command's exit status
+    outcome: Mapped[int] = mapped_column(Integer)
+
+
+class SecretKey(Base):
+    """The ids of the secret keys this database's identifiers were made with: a
+    process holding another key refuses to start (one key per installation)."""
+
+    __tablename__ = "secret_keys"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    first_used_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

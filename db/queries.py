@@ -9,7 +9,17 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
-from db.models import Delivery, DeliveryStatus, Instance, Job, JobStatus, Result, Series, Study
+from db.models import (
+    AuditRecord,
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    Job,
+    JobStatus,
+    Result,
+    Series,
+    Study,
+)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -17,10 +27,16 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def list_studies(
-    session: Session, limit: int | None = None, offset: int = 0, study_uid: str | None = None
+    session: Session,
+    limit: int | None = None,
+    offset: int = 0,
+    study_uid: str | None = None,
+    accession_key: str | None = None,
 ) -> list[dict[str, Any]]:
     """Studies, newest first. ``findings``: the present findings of the study's
-    stored results (the code meanings, sorted)."""
+    stored results (the code meanings, sorted). ``accession_key``: only the
+    studies with that keyed hash of their accession number
+    (:meth:`dicomnode.identity.IdentityKeys.accession_key`)."""
     counts = (
         select(
             Instance.study_id.label("study_id"),
@@ -35,6 +51,8 @@ def list_studies(
     )
     if study_uid:
         stmt = stmt.where(Study.study_instance_uid == study_uid)
+    if accession_key is not None:
+        stmt = stmt.where(Study.accession_key == accession_key)
     rows = session.execute(
         stmt.order_by(Study.received_at.desc(), Study.id.desc()).limit(limit).offset(offset)
     ).all()
@@ -408,3 +426,171 @@ def study_outbox_files(session: Session, study_id: int) -> list[str]:
         .order_by(Delivery.rel_path)
     )
     return [str(p) for p in session.scalars(stmt)]
+
+
+# -- identity, priors and audit (issue 13) -------------------------------------------------
+
+
+def sealed_identifiers(session: Session, study_uids: Sequence[str]) -> dict[str, str]:
+    """The sealed identifiers of these studies (those that have any), by UID: for
+    :func:`dicomnode.identity.reveal`, admins only."""
+    if not study_uids:
+        return {}
+    rows = session.execute(
+        select(Study.study_instance_uid, Study.identifiers).where(
+            Study.study_instance_uid.in_(list(study_uids)), Study.identifiers.is_not(None)
+        )
+    ).all()
+    return {str(uid): str(sealed) for uid, sealed in rows}
+
+
+def study_link(session: Session, study_id: int) -> dict[str, Any] | None:
+    """A study's UID, patient key, date and ``prior_of`` (None when unknown)."""
+    row = session.execute(
+        select(Study.study_instance_uid, Study.patient_key, Study.study_date, Study.prior_of).where(
+            Study.id == study_id
+        )
+    ).first()
+    if row is None:
+        return None
+    return {
+        "study_instance_uid": str(row[0]),
+        "patient_key": row[1],
+        "study_date": row[2],
+        "prior_of": row[3],
+    }
+
+
+def patient_results(
+    session: Session, patient_key: str, model: str, finding_code_value: str
+) -> list[dict[str, Any]]:
+    """The stored results of one model and finding for every dated study of one
+    patient (by its keyed hash), oldest study first: ``result_id``,
+    ``study_id``, ``study_instance_uid``, ``study_date``, ``measurements``."""
+    rows = session.execute(
+        select(
+            Result.id,
+            Study.id,
+            Study.study_instance_uid,
+            Study.study_date,
+            Result.measurements,
+        )
+        .join(Study, Study.id == Result.study_id)
+        .where(
+            Study.patient_key == patient_key,
+            Study.study_date.is_not(None),
+            Result.model == model,
+            Result.finding_code_value == finding_code_value,
+        )
+        .order_by(Study.study_date, Study.id, Result.id)
+    ).all()
+    return [
+        {
+            "result_id": int(rid),
+            "study_id": int(sid),
+            "study_instance_uid": str(uid),
+            "study_date": date,
+            "measurements": dict(meas or {}),
+        }
+        for rid, sid, uid, date, meas in rows
+    ]
+
+
+def study_state(session: Session, study_uid: str) -> dict[str, Any] | None:
+    """Where a study stands for a job waiting on it: its id, whether instances
+    wait for a job, its last instance's time, its latest job's id and status,
+    and how many instances it has (None when unknown)."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    if study is None:
+        return None
+    job = session.execute(
+        select(Job.id, Job.status).where(Job.study_id == study.id).order_by(Job.id.desc()).limit(1)
+    ).first()
+    count = session.scalar(
+        select(func.count()).select_from(Instance).where(Instance.study_id == study.id)
+    )
+    return {
+        "study_id": study.id,
+        "needs_job": bool(study.needs_job),
+        "last_instance_at": study.last_instance_at,
+        "job_id": int(job[0]) if job else None,
+        "job_status": str(job[1]) if job else None,
+        "num_instances": int(count or 0),
+    }
+
+
+def audit_dict(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "at": _iso(record.at),
+        "interface": record.interface,
+        "actor": record.actor,
+        "source": record.source,
+        "action": record.action,
+        "studies": record.studies.split(",") if record.studies else [],
+        "outcome": record.outcome,
+    }
+
+
+def list_audit(
+    session: Session,
+    limit: int | None = None,
+    offset: int = 0,
+    study_uid: str | None = None,
+    interface: str | None = None,
+) -> list[dict[str, Any]]:
+    """Audit records, newest first."""
+    stmt = select(AuditRecord)
+    if study_uid:
+        stmt = stmt.where(AuditRecord.studies.contains(study_uid, autoescape=True))
+    if interface:
+        stmt = stmt.where(AuditRecord.interface == interface)
+    stmt = stmt.order_by(AuditRecord.id.desc()).limit(limit).offset(offset)
+    return [audit_dict(r) for r in session.scalars(stmt)]
+
+
+def study_results(
+    session: Session, study_id: int, model: str, finding_code_value: str
+) -> list[dict[str, Any]]:
+    """``result_id`` and ``measurements`` of one study's results of one model and finding."""
+    rows = session.execute(
+        select(Result.id, Result.measurements)
+        .where(
+            Result.study_id == study_id,
+            Result.model == model,
+            Result.finding_code_value == finding_code_value,
+        )
+        .order_by(Result.id)
+    ).all()
+    return [{"result_id": int(rid), "measurements": dict(meas or {})} for rid, meas in rows]
+
+
+# -- delivery ----------------------------------------------------------------------
+
+
+def delivery_destinations(session: Session, ids: list[int]) -> list[tuple[int, str]]:
+    """(id, destination) of each delivery id."""
+    rows = session.execute(
+        select(Delivery.id, Delivery.destination).where(Delivery.id.in_(ids))
+    ).all()
+    return [(int(i), str(d)) for i, d in rows]
+
+
+def first_results_of_studies(session: Session, delivery_ids: list[int]) -> list[dt.datetime]:
+    """The last-instance times of the studies whose deliveries (among these ids)
+    belong to the study's first job after its last instance: the study-to-results
+    latency counts those only (not a reprocessed study)."""
+    rows = session.execute(
+        select(Delivery.study_id, Delivery.job_id, Study.last_instance_at)
+        .join(Study, Study.id == Delivery.study_id)
+        .where(Delivery.id.in_(delivery_ids), Delivery.job_id.is_not(None))
+        .distinct()
+    ).all()
+    out = []
+    for study_id, job_id, last_at in rows:
+        first = session.scalar(
+            select(func.min(Job.id)).where(Job.study_id == study_id, Job.created_at >= last_at)
+        )
+        if first == job_id and last_at is not None:
+            out.append(last_at)
+    return out

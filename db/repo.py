@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Date,
     TextClause,
     bindparam,
     case,
@@ -23,16 +24,31 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from db.models import (
+    AuditRecord,
     Delivery,
     DeliveryStatus,
     Instance,
     Job,
     JobStatus,
     Result,
+    SecretKey,
     Study,
     UTCDateTime,
     utcnow,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class StudyIdentity:
+    """What is kept of a study's patient and accession, nothing in clear
+    (:mod:`dicomnode.identity` makes it): keyed hashes for linkage and lookup, the
+    identifiers sealed with AES-GCM, the study date, and the id of the key."""
+
+    key_id: str
+    patient_key: str | None = None
+    accession_key: str | None = None
+    identifiers: str | None = None
+    study_date: dt.date | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +69,8 @@ class InstanceRecord:
     instance_number: int | None = None
     calling_aet: str | None = None
     produced_by_us: bool = False
+    #: set where the study row is first recorded (None: no secret key configured)
+    identity: StudyIdentity | None = None
 
 
 # The listener's per-instance statements. They run on the association thread
@@ -64,10 +82,19 @@ _INSTANCE_EXISTS = text("SELECT 1 FROM instances WHERE sop_instance_uid = :sop")
 _STUDY_ID = text("SELECT id FROM studies WHERE study_instance_uid = :uid")
 _SERIES_ID = text("SELECT id FROM series WHERE series_instance_uid = :uid")
 _INSERT_STUDY = text(
-    "INSERT INTO studies (study_instance_uid, received_at, last_instance_at, updated_at, needs_job)"
-    " VALUES (:uid, :now, :now, :now, FALSE)"
+    "INSERT INTO studies (study_instance_uid, received_at, last_instance_at, updated_at, needs_job,"
+    " key_id, patient_key, accession_key, identifiers, study_date)"
+    " VALUES (:uid, :now, :now, :now, FALSE,"
+    " :key_id, :patient_key, :accession_key, :identifiers, :study_date)"
     " ON CONFLICT (study_instance_uid) DO NOTHING RETURNING id"
-).bindparams(bindparam("now", type_=_UTC))
+).bindparams(bindparam("now", type_=_UTC), bindparam("study_date", type_=Date()))
+# a study row made before its first instance (a prior being fetched) or before
+# this node had a key gets its identity with its first new series
+_FILL_IDENTITY = text(
+    "UPDATE studies SET key_id = :key_id, patient_key = :patient_key,"
+    " accession_key = :accession_key, identifiers = :identifiers, study_date = :study_date"
+    " WHERE id = :id AND key_id IS NULL"
+).bindparams(bindparam("study_date", type_=Date()))
 _INSERT_SERIES = text(
     "INSERT INTO series (study_id, series_instance_uid, modality, series_number,"
     " series_description, body_part_examined, produced_by_us, created_at)"
@@ -92,9 +119,14 @@ _STUDY_HAS_NEW_INSTANCE = text(
 
 
 def _get_or_insert(
-    session: Session | Connection, select_id: TextClause, insert: TextClause, params: dict[str, Any]
+    session: Session | Connection,
+    select_id: TextClause,
+    insert: TextClause,
+    params: dict[str, Any],
+    inserted: list[bool] | None = None,
 ) -> int:
-    """The id of a row found by ``params["uid"]``, inserting it if missing.
+    """The id of a row found by ``params["uid"]``, inserting it if missing (then
+    ``True`` is appended to ``inserted``).
 
     ``insert`` does nothing on a conflict: a concurrent writer inserted the same
     row meanwhile, which the second look then sees.
@@ -104,7 +136,23 @@ def _get_or_insert(
         found = session.execute(insert, params).scalar()
         if found is None:
             found = session.execute(select_id, {"uid": params["uid"]}).scalar_one()
+        elif inserted is not None:
+            inserted.append(True)
     return int(found)
+
+
+def _identity_params(identity: StudyIdentity | None) -> dict[str, Any]:
+    if identity is None:
+        return dict.fromkeys(
+            ("key_id", "patient_key", "accession_key", "identifiers", "study_date")
+        )
+    return {
+        "key_id": identity.key_id,
+        "patient_key": identity.patient_key,
+        "accession_key": identity.accession_key,
+        "identifiers": identity.identifiers,
+        "study_date": identity.study_date,
+    }
 
 
 def instance_exists(session: Session | Connection, sop_instance_uid: str) -> bool:
@@ -122,9 +170,11 @@ def record_instance(
     series, insert the instance, and mark the study as having news.
     """
     now = now or utcnow()
+    identity = _identity_params(rec.identity)
     study_id = _get_or_insert(
-        session, _STUDY_ID, _INSERT_STUDY, {"uid": rec.study_instance_uid, "now": now}
+        session, _STUDY_ID, _INSERT_STUDY, {"uid": rec.study_instance_uid, "now": now, **identity}
     )
+    new_series: list[bool] = []
     series_id = _get_or_insert(
         session,
         _SERIES_ID,
@@ -139,7 +189,10 @@ def record_instance(
             "produced_by_us": rec.produced_by_us,
             "now": now,
         },
+        inserted=new_series,
     )
+    if new_series and rec.identity is not None:
+        session.execute(_FILL_IDENTITY, {"id": study_id, **identity})
     inserted = session.execute(
         _INSERT_INSTANCE,
         {
@@ -693,3 +746,101 @@ def mark_pruned(session: Session, study_id: int, cutoff: dt.datetime, now: dt.da
         )
         return False
     return True
+
+
+# -- identity, priors and audit (issue 13) -------------------------------------------------
+
+
+class KeyMismatch(Exception):
+    """The database's identifiers were made with another secret key."""
+
+
+def register_key_id(session: Session, key_id: str) -> None:
+    """Record ``key_id`` as this database's key, or raise :class:`KeyMismatch` when
+    the database already holds identifiers of another key (a host given another
+    PACS_AI_SECRET_KEY_FILE would make links and identifiers nobody can read)."""
+    known = [str(k) for k in session.scalars(select(SecretKey.key_id))]
+    if key_id in known:
+        return
+    if known:
+        raise KeyMismatch(
+            f"PACS_AI_SECRET_KEY_FILE holds key {key_id}, but this database's identifiers "
+            f"were made with key {', '.join(sorted(known))}: give every pacs-ai process of "
+            "this installation the same key file"
+        )
+    session.execute(
+        insert_ignore(SecretKey.__table__, session, {"key_id": key_id, "first_used_at": utcnow()})
+    )
+
+
+def insert_ignore(table: Any, session: Session, values: dict[str, Any]) -> Any:
+    """An INSERT that does nothing when the row exists (SQLite and PostgreSQL)."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).values(**values).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).values(**values).on_conflict_do_nothing()
+
+
+def mark_prior_fetch(session: Session, prior_uid: str, for_study_uid: str) -> None:
+    """Before a prior is fetched from the PACS: its study row, marked as the prior of
+    ``for_study_uid`` (its job then looks for priors locally only), made now if the
+    study is new (the listener fills it in as its instances arrive)."""
+    now = utcnow()
+    stmt = insert_ignore(
+        Study.__table__,
+        session,
+        {
+            "study_instance_uid": prior_uid,
+            "received_at": now,
+            "last_instance_at": now,
+            "updated_at": now,
+            "needs_job": False,
+            "prior_of": for_study_uid,
+        },
+    )
+    session.execute(stmt)
+    session.execute(
+        update(Study)
+        .where(Study.study_instance_uid == prior_uid, Study.prior_of.is_(None))
+        .values(prior_of=for_study_uid)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def set_result_measurements(session: Session, result_id: int, measurements: dict[str, Any]) -> None:
+    """Replace one stored result's measurements (a prior comparison added)."""
+    session.execute(
+        update(Result)
+        .where(Result.id == result_id)
+        .values(measurements=measurements)
+        .execution_options(synchronize_session=False)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One audit record (see :class:`db.models.AuditRecord`)."""
+
+    interface: str
+    actor: str
+    source: str
+    action: str
+    outcome: int
+    studies: tuple[str, ...] = ()
+
+
+def append_audit(session: Session, entry: AuditEntry, at: dt.datetime | None = None) -> None:
+    session.add(
+        AuditRecord(
+            at=at or utcnow(),
+            interface=entry.interface[:8],
+            actor=entry.actor[:64],
+            source=entry.source[:128],
+            action=entry.action[:255],
+            studies=",".join(entry.studies) or None,
+            outcome=int(entry.outcome),
+        )
+    )

@@ -5,19 +5,23 @@
   and carrying that instance's position (so it overlays on the right slice,
   whatever order the source series was stored or sent in).
 - :func:`build_sr`: a Comprehensive 3D SR, TID 1500 Measurement Report in which
-  every measurement group has an image region, so viewers draw each finding: a
-  TID 1410 group per nodule (its outline on the slice where it is largest,
-  maximum diameter, volume from the SEG segment), per classification finding
-  (the slice that drove it, certainty in %), per non-focal segment (its region,
-  with a TID 1411 group referencing the SEG segment and its volume under the
-  same tracking identifier); findings without a region as qualitative
-  evaluations, and a text summary for text-only viewers.
+  every finding is drawn where it is (viewers draw each one) and is a
+  measurement OHIF can track, list in its measurement panel with its values and
+  let the reader edit: a nodule (TID 1410: its outline on the slice where it is
+  largest, its volume from the SEG segment; TID 1501: its maximum diameter
+  inferred from a line along its long axis there), a classification (TID 1501:
+  its certainty in %, inferred from a point on the slice that drove it), a
+  non-focal segment (TID 1410: an arrow into it; TID 1411: the SEG segment and
+  its volume); the groups of a finding share its tracking identifier, which names
+  OHIF's tool (:data:`VIEWER_TOOL_TAG`), and a Comment with its values names it
+  in the panel; findings without a region as qualitative evaluations, and a text
+  summary for text-only viewers.
 - :func:`build_key_image`: an RGB Secondary Capture of the most relevant slice
   with the outline burned in and the finding, size, certainty, model and a
   "not for diagnostic use" line in a text band of its own.
 - :func:`focal_components`, :func:`largest_slice`, :func:`outline`,
-  :func:`hull`: where a finding is drawn, from the label volume the SEG is
-  built from.
+  :func:`hull`, :func:`inside_point`: where a finding is drawn, from the label
+  volume the SEG is built from.
 
 Everything here is a pure function of datasets, arrays and dataclasses; UIDs are
 derived deterministically (:func:`dicomnode.uids.derived_uid`) from the source
@@ -356,9 +360,18 @@ def _procedure(source: Dataset) -> hd.sr.CodedConcept:
     )
 
 
-def _tracking(uid_root: str, sr_uid: str, index: int, label: str) -> hd.sr.TrackingIdentifier:
+#: How OHIF (cornerstone3D's SR adapters) knows that it can turn a measurement
+#: group back into a measurement of one of its tools, list it in its measurement
+#: panel and let the reader edit it: the group's Tracking Identifier starts with
+#: this tag, a colon and the tool's name (``...:Length``, ``...:ArrowAnnotate``).
+VIEWER_TOOL_TAG = "Cornerstone3DTools@^0.1.0"
+#: the text of a measurement group that such viewers show as the measurement's name
+_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+
+
+def _tracking(uid_root: str, sr_uid: str, index: int, identifier: str) -> hd.sr.TrackingIdentifier:
     return hd.sr.TrackingIdentifier(
-        uid=derived_uid(uid_root, "tracking", sr_uid, str(index)), identifier=label[:64]
+        uid=derived_uid(uid_root, "tracking", sr_uid, str(index)), identifier=identifier
     )
 
 
@@ -369,53 +382,150 @@ def _presence(f: Finding) -> hd.sr.QualitativeEvaluation:
 
 
 def _tracking_label(f: Finding) -> str:
-    """What viewers list: the finding, its state for a classifier, the model."""
+    """The finding, its state for a classifier, the model (no colon: the Tracking
+    Identifier's colons separate the viewer tool's tag and name)."""
     if f.kind == "classification":
-        return f"{f.label}: {'present' if f.present else 'absent'} ({f.model.name})"
-    return f"{f.label} ({f.model.name})"
+        text = f"{f.label} {'present' if f.present else 'absent'} ({f.model.name})"
+    else:
+        text = f"{f.label} ({f.model.name})"
+    return text.replace(":", " ")
 
 
-def whole_image_region(source: Dataset, frame_number: int | None = None) -> PlanarRegion:
-    """The whole image as a region (through the centres of its border pixels): what
-    a classifier looked at on the slice that drove its finding."""
+def viewer_label(f: Finding) -> str:
+    """A finding's name in a viewer's measurement list, with its values:
+    "Lung nodule 1 of 1: diameter 15.4 mm, volume 1.81 cm3", "Lung: volume
+    2512.5 cm3", "Lung nodule: present, probability 87 % (chest-ct-nodule-cls)"."""
+    parts = []
+    if f.kind == "classification":
+        parts.append("present" if f.present else "absent")
+    if f.probability is not None:
+        parts.append(f"probability {_percent(f.probability)}")
+    if f.longest_diameter_mm is not None and f.present:
+        parts.append(f"diameter {f.longest_diameter_mm:.1f} mm")
+    if f.volume_ml is not None:
+        parts.append(f"volume {f.volume_ml:.{1 if f.volume_ml >= 100 else 2}f} cm3")
+    text = f"{f.label}: {', '.join(parts)}" if parts else f.label
+    return f"{text} ({f.model.name})" if f.kind == "classification" else text
+
+
+def _percent(probability: float) -> str:
+    """A probability for a reader: "87 %", never "0 %" or "100 %" (a model's
+    output is never certain, however close to 0 or 1 it comes)."""
+    value = 100.0 * float(probability)
+    if value < 0.5:
+        return "<1 %"
+    if value >= 99.5:
+        return ">99 %"
+    return f"{value:.0f} %"
+
+
+def slice_region(source: Dataset, frame_number: int | None = None) -> PlanarRegion:
+    """Where a classifier's finding is shown on the slice that drove it: an arrow
+    pointing into the top centre of the image (a classifier says which slice, not
+    where in it), clear of the corners where viewers write their own text."""
     rows, cols = int(source.Rows), int(source.Columns)
-    x0, y0, x1, y1 = 0.5, 0.5, max(cols - 0.5, 1.0), max(rows - 0.5, 1.0)
-    xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
-    # corners and edge midpoints: OHIF turns a 4- or 5-point Image Region into an
-    # editable rectangle, offers to "track" it and then hides the rest of the report
-    return PlanarRegion(
-        str(source.SOPInstanceUID),
-        ((x0, y0), (xm, y0), (x1, y0), (x1, ym), (x1, y1), (xm, y1), (x0, y1), (x0, ym), (x0, y0)),
-        "POLYLINE",
-        frame_number,
+    tip = (round(0.5 * cols, 3), round(0.08 * rows, 3))
+    return PlanarRegion(str(source.SOPInstanceUID), (tip,), "POINT", frame_number)
+
+
+def _region_of(f: Finding, by_sop: dict[str, Dataset]) -> PlanarRegion | None:
+    """Where a finding is drawn; None when it has no region or its image is not
+    among the report's sources."""
+    region = f.region
+    if region is None and f.kind == "classification" and f.key_sop_instance_uid in by_sop:
+        region = slice_region(by_sop[str(f.key_sop_instance_uid)], f.key_frame_number)
+    if region is None or region.sop_instance_uid not in by_sop:
+        return None
+    return region
+
+
+@dataclass(frozen=True, slots=True)
+class ViewerTool:
+    """How a viewer shows a finding as an editable measurement: one of OHIF's
+    tools and the points it needs on the finding's image (column, row)."""
+
+    name: str  # Length (a line, its two ends) | ArrowAnnotate (an arrow, its tip)
+    graphic_type: str  # POLYLINE | POINT
+    points: tuple[tuple[float, float], ...]
+
+
+def _spacing(ds: Dataset) -> tuple[float, float]:
+    """(column, row) pixel spacing in mm; 1 where the image has none."""
+    spacing = ds.get("PixelSpacing")
+    if spacing is not None and len(spacing) == 2 and float(spacing[0]) > 0 < float(spacing[1]):
+        return float(spacing[1]), float(spacing[0])
+    return 1.0, 1.0
+
+
+def long_axis(
+    points: Sequence[tuple[float, float]], spacing: tuple[float, float] = (1.0, 1.0)
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The two points of an outline farthest apart in mm (``spacing``: column, row)."""
+    xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    mm = xy * np.asarray(spacing)
+    d = ((mm[:, None, :] - mm[None, :, :]) ** 2).sum(axis=-1)
+    i, j = np.unravel_index(int(np.argmax(d)), d.shape)
+    a, b = sorted([(float(xy[i, 0]), float(xy[i, 1])), (float(xy[j, 0]), float(xy[j, 1]))])
+    return a, b
+
+
+def _resized(
+    a: tuple[float, float], b: tuple[float, float], length_mm: float, spacing: tuple[float, float]
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The line through ``a`` and ``b`` with the same centre, ``length_mm`` long: a
+    viewer measures the line it draws, and shows that length, not the report's."""
+    pa, pb, scale = np.asarray(a), np.asarray(b), np.asarray(spacing)
+    span = float(np.linalg.norm((pb - pa) * scale))
+    if span == 0.0 or length_mm <= 0.0:
+        return a, b
+    centre, half = (pa + pb) / 2, (pb - pa) * (length_mm / span) / 2
+    ends = [centre - half, centre + half]
+    return (round(float(ends[0][0]), 3), round(float(ends[0][1]), 3)), (
+        round(float(ends[1][0]), 3),
+        round(float(ends[1][1]), 3),
     )
 
 
-def _image_region(
-    f: Finding, by_sop: dict[str, Dataset]
-) -> tuple[hd.sr.ImageRegion, PlanarRegion] | None:
-    """The SCOORD of a finding on its source image; None when it has no region or
-    its image is not among the report's sources."""
-    region = f.region
-    if region is None and f.kind == "classification" and f.key_sop_instance_uid in by_sop:
-        region = whole_image_region(by_sop[str(f.key_sop_instance_uid)], f.key_frame_number)
-    if region is None or region.sop_instance_uid not in by_sop:
-        return None
-    ds = by_sop[region.sop_instance_uid]
+def _inside(points: Sequence[tuple[float, float]], fraction: float) -> tuple[float, float]:
+    """A point of a closed convex polygon, ``fraction`` of its width from its left
+    edge and half way between its top and bottom there: for the hull around a
+    paired organ (the lungs) a point in the first of the pair, for one convex
+    structure a point in it (a POINT region from :func:`inside_point` is exact)."""
+    xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    x = float(xy[:, 0].min() + fraction * (xy[:, 0].max() - xy[:, 0].min()))
+    ys = []
+    for (x0, y0), (x1, y1) in zip(xy[:-1], xy[1:], strict=True):
+        if min(x0, x1) <= x <= max(x0, x1) and x0 != x1:
+            ys.append(y0 + (x - x0) * (y1 - y0) / (x1 - x0))
+    y = (min(ys) + max(ys)) / 2 if ys else float(xy[:, 1].mean())
+    return round(x, 3), round(y, 3)
+
+
+def viewer_tool(f: Finding, region: PlanarRegion, source: Dataset) -> ViewerTool:
+    """A nodule with a diameter: a line along its long axis where it is largest, as
+    long as the diameter; anything else an arrow: at a point region (a classifier's
+    slice), into a whole organ (the lungs: into the first, left on the image, of
+    the structures its outline surrounds), at the centre of anything smaller."""
+    if region.graphic_type == "POINT":
+        return ViewerTool("ArrowAnnotate", "POINT", region.points)
+    if f.focal and f.present and f.longest_diameter_mm is not None and len(region.points) > 2:
+        spacing = _spacing(source)
+        a, b = long_axis(region.points, spacing)
+        return ViewerTool("Length", "POLYLINE", _resized(a, b, f.longest_diameter_mm, spacing))
+    xy = np.asarray(region.points, dtype=np.float64)
+    if f.focal or region.graphic_type == "ELLIPSE":
+        centre = xy[:-1].mean(axis=0) if region.graphic_type == "POLYLINE" else xy.mean(axis=0)
+        return ViewerTool("ArrowAnnotate", "POINT", ((float(centre[0]), float(centre[1])),))
+    return ViewerTool("ArrowAnnotate", "POINT", (_inside(region.points, 0.25),))
+
+
+def _source_image(region: PlanarRegion, ds: Dataset) -> hd.sr.SourceImageForRegion:
     frames = [region.frame_number] if region.frame_number is not None else None
-    try:
-        scoord = hd.sr.ImageRegion(
-            graphic_type=region.graphic_type,
-            graphic_data=np.asarray(region.points, dtype=np.float64),
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=str(ds.SOPClassUID),
-                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-                referenced_frame_numbers=frames,
-            ),
-        )
-    except (ValueError, TypeError) as exc:
-        raise ResultBuildError(f"region of {f.label}: {exc}") from None
-    return scoord, region
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=str(ds.SOPClassUID),
+        referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+        referenced_frame_numbers=frames,
+    )
 
 
 def _segment_source(seg: Dataset, number: int) -> hd.sr.SourceImageForMeasurement:
@@ -439,18 +549,27 @@ def build_sr(
     """The TID 1500 report of a job: ``sources`` are the headers of the source
     instances the models ran on; ``segs`` the SEG built per model name.
 
-    Every measurement group holds an image region (viewers such as OHIF draw a
-    group by its region and fail on a group without one):
+    Every finding is drawn on a source image (viewers such as OHIF draw a finding
+    by its region, or by the coordinates its measurement was inferred from, and
+    fail on one without), and is one measurement of an OHIF tool
+    (:func:`viewer_tool`) named by a Comment with its values (:func:`viewer_label`),
+    so that OHIF lists it in its measurement panel once the reader tracks the
+    report:
 
-    - a focal segmentation finding (one nodule): TID 1410, its outline on the slice
-      where it is largest, its maximum diameter and its volume, the volume's
-      source being the SEG segment;
-    - a non-focal segment (the lungs): TID 1410 with its region on its largest
-      slice, and TID 1411 referencing the SEG segment with the volume, both under
-      one tracking identifier (one finding; OHIF merges them);
-    - a classification: TID 1410, the whole slice that drove it, the certainty;
+    - a focal segmentation finding (one nodule): TID 1410 with its outline on the
+      slice where it is largest and its volume, the volume's source being the SEG
+      segment; TID 1501 with its maximum diameter, inferred from a line along its
+      long axis there (OHIF's Length);
+    - a non-focal segment (the lungs): TID 1410 with an arrow into it on its
+      largest slice (OHIF's ArrowAnnotate), and TID 1411 referencing the SEG
+      segment with the volume;
+    - a classification: TID 1501 with the certainty, inferred from a point on the
+      slice that drove it (an arrow);
     - a finding without a region (absent, or no image to draw it on): a
       qualitative evaluation outside the measurement groups.
+
+    The groups of one finding share its tracking identifier (OHIF merges them to
+    draw it), nodules first: viewers open on the first finding's image.
     """
     if not findings:
         raise ResultBuildError("no findings to report")
@@ -478,94 +597,14 @@ def build_sr(
         enumerate(findings, start=1), key=lambda item: rank.get((item[1].focal, item[1].kind), 2)
     )
     for index, f in ordered:
-        drawn = _image_region(f, by_sop)
-        if drawn is None:
+        region = _region_of(f, by_sop)
+        if region is None:
             outside.append(f)
             continue
-        scoord, _region = drawn
-        tracking = _tracking(uid_root, sop_uid, index, _tracking_label(f))
-        common: dict[str, Any] = {
-            "finding_type": f.code.concept(),
-            "finding_category": f.category.concept() if f.category else None,
-            "finding_sites": (
-                [hd.sr.FindingSite(f.finding_site.concept())] if f.finding_site else None
-            ),
-            "algorithm_id": f.model.algorithm_id(),
-        }
-        if f.kind != "segmentation":
-            measurements = []
-            if f.probability is not None:
-                measurements.append(
-                    hd.sr.Measurement(
-                        name=codes.DCM.CertaintyOfFinding,
-                        value=round(100.0 * float(f.probability), 2),
-                        unit=codes.UCUM.Percent,
-                        algorithm_id=f.model.algorithm_id(),
-                    )
-                )
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking,
-                    referenced_region=scoord,
-                    measurements=measurements or None,
-                    qualitative_evaluations=[_presence(f)],
-                    **common,
-                )
-            )
-            continue
-        seg = segs.get(f.model.name)
-        number = _segment_number(seg, f) if seg is not None else None
-        volume = None
-        if f.volume_ml is not None:
-            volume = hd.sr.Measurement(
-                name=codes.SCT.Volume,
-                value=round(float(f.volume_ml), 3),
-                unit=codes.UCUM.CubicCentimeter,
-                algorithm_id=f.model.algorithm_id(),
-                referenced_images=(
-                    [_segment_source(seg, number)] if seg is not None and number else None
-                ),
-            )
-        measurements = []
-        if f.focal and f.present and f.longest_diameter_mm is not None:
-            measurements.append(
-                hd.sr.Measurement(
-                    name=codes.SCT.Diameter,
-                    value=round(float(f.longest_diameter_mm), 2),
-                    unit=codes.UCUM.Millimeter,
-                    derivation=codes.SCT.Maximum,
-                    algorithm_id=f.model.algorithm_id(),
-                )
-            )
-        whole_segment = not f.focal and seg is not None and number is not None
-        if volume is not None and not whole_segment:
-            measurements.append(volume)
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                referenced_region=scoord,
-                measurements=measurements or None,
-                qualitative_evaluations=[_presence(f)],
-                **common,
-            )
-        )
-        if whole_segment:
-            assert seg is not None and number is not None
-            groups.append(
-                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking,
-                    referenced_segment=hd.sr.ReferencedSegment(
-                        sop_class_uid=str(seg.SOPClassUID),
-                        sop_instance_uid=str(seg.SOPInstanceUID),
-                        segment_number=number,
-                        source_series=hd.sr.SourceSeriesForSegmentation(
-                            str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
-                        ),
-                    ),
-                    measurements=[volume] if volume is not None else None,
-                    **common,
-                )
-            )
+        try:
+            groups.extend(_groups(f, index, region, by_sop, segs, uid_root, sop_uid))
+        except (ValueError, TypeError) as exc:
+            raise ResultBuildError(f"SR group of {f.label}: {exc}") from None
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=_procedure(sources[0]),
@@ -597,6 +636,166 @@ def build_sr(
     _stamp(ds, models)
     header.apply_character_set(ds)
     return ds
+
+
+def _groups(
+    f: Finding,
+    index: int,
+    region: PlanarRegion,
+    by_sop: dict[str, Dataset],
+    segs: dict[str, Dataset],
+    uid_root: str,
+    sop_uid: str,
+) -> list[Any]:
+    """The measurement groups of one drawn finding, under one tracking identifier
+    (see :func:`build_sr`).
+
+    OHIF turns each group whose Tracking Identifier names one of its tools into a
+    measurement of that tool, from the "inferred from" coordinates of the group's
+    first measurement, or from its region when it has none (a group it cannot read
+    so is skipped). Hence: the measurement the viewer shows (a nodule's diameter, a
+    classifier's certainty) goes, with the tool's points, into a TID 1501 group;
+    the TID 1410 group keeps the region and the other measurements, and is left
+    out when it would keep none (a classifier), or takes the arrow's tip as its
+    region when the finding has no measurement of its own (the lungs, whose
+    volume is the TID 1411 group's)."""
+    ds = by_sop[region.sop_instance_uid]
+    image = _source_image(region, ds)
+    tool = viewer_tool(f, region, ds)
+    tracking = _tracking(
+        uid_root, sop_uid, index, f"{VIEWER_TOOL_TAG}:{tool.name}:{_tracking_label(f)}"
+    )
+    common: dict[str, Any] = {
+        "tracking_identifier": tracking,
+        "finding_type": f.code.concept(),
+        "finding_category": f.category.concept() if f.category else None,
+        "finding_sites": [hd.sr.FindingSite(f.finding_site.concept())] if f.finding_site else None,
+        "algorithm_id": f.model.algorithm_id(),
+    }
+    seg = segs.get(f.model.name) if f.kind == "segmentation" else None
+    number = _segment_number(seg, f) if seg is not None else None
+    whole_segment = not f.focal and seg is not None and number is not None
+    volume_refs: dict[str, Any] = (
+        {"referenced_images": [_segment_source(seg, number)]}
+        if seg is not None and number is not None
+        else {}
+    )
+    # (name, value, unit, extra keyword arguments), the one the viewer shows first
+    values: list[tuple[Any, float, Any, dict[str, Any]]] = []
+    if f.probability is not None:
+        values.append(
+            (
+                codes.DCM.CertaintyOfFinding,
+                round(100.0 * float(f.probability), 2),
+                codes.UCUM.Percent,
+                {},
+            )
+        )
+    if f.focal and f.present and f.longest_diameter_mm is not None:
+        values.append(
+            (
+                codes.SCT.Diameter,
+                round(float(f.longest_diameter_mm), 2),
+                codes.UCUM.Millimeter,
+                {"derivation": codes.SCT.Maximum},
+            )
+        )
+    if f.volume_ml is not None and not whole_segment:
+        values.append(
+            (
+                codes.SCT.Volume,
+                round(float(f.volume_ml), 3),
+                codes.UCUM.CubicCentimeter,
+                volume_refs,
+            )
+        )
+
+    if tool.name == "Length":  # the line is the diameter's
+        values.sort(key=lambda v: v[0] != codes.SCT.Diameter)
+
+    def measurement(
+        value: tuple[Any, float, Any, dict[str, Any]], coordinates: Any = None
+    ) -> hd.sr.Measurement:
+        name, amount, unit, extra = value
+        return hd.sr.Measurement(
+            name=name,
+            value=amount,
+            unit=unit,
+            algorithm_id=f.model.algorithm_id(),
+            referenced_coordinates=[coordinates] if coordinates is not None else None,
+            **extra,
+        )
+
+    comment = hd.sr.TextContentItem(
+        name=_COMMENT,
+        value=viewer_label(f),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    out: list[Any] = []
+    if values:
+        shown = hd.sr.MeasurementsAndQualitativeEvaluations(
+            measurements=[
+                measurement(
+                    values[0],
+                    hd.sr.CoordinatesForMeasurement(
+                        graphic_type=tool.graphic_type,
+                        graphic_data=np.asarray(tool.points, dtype=np.float64),
+                        source_image=image,
+                    ),
+                )
+            ],
+            qualitative_evaluations=[_presence(f)] if len(values) == 1 else None,
+            **common,
+        )
+        shown[0].ContentSequence.append(comment)
+        out.append(shown)
+    if len(values) > 1 or not values:
+        if not values:  # drawn and read by the viewer from its region: the arrow's tip
+            region = PlanarRegion(
+                region.sop_instance_uid, tool.points, tool.graphic_type, region.frame_number
+            )
+        planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=region.graphic_type,
+                graphic_data=np.asarray(region.points, dtype=np.float64),
+                source_image=image,
+            ),
+            measurements=[measurement(v) for v in values[1:]] or None,
+            qualitative_evaluations=[_presence(f)],
+            **common,
+        )
+        if not values:
+            planar[0].ContentSequence.append(comment)
+        out.insert(0, planar)  # first: OHIF draws a finding by its first group's region
+    if whole_segment:
+        assert seg is not None and number is not None
+        volume = (
+            measurement(
+                (
+                    codes.SCT.Volume,
+                    round(float(f.volume_ml), 3),
+                    codes.UCUM.CubicCentimeter,
+                    volume_refs,
+                )
+            )
+            if f.volume_ml is not None
+            else None
+        )
+        out.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=str(seg.SOPClassUID),
+                    sop_instance_uid=str(seg.SOPInstanceUID),
+                    segment_number=number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(
+                        str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+                    ),
+                ),
+                measurements=[volume] if volume is not None else None,
+                **common,
+            )
+        )
+    return out
 
 
 def _segment_number(seg: Dataset, f: Finding) -> int | None:
@@ -744,6 +943,22 @@ def focal_components(labels: np.ndarray, label_value: int) -> list[FocalComponen
         out.append((int(comp.sum()), FocalComponent(centroid, origin[0] + k, plane)))
     out.sort(key=lambda item: -item[0])
     return [c for _size, c in out]
+
+
+def inside_point(mask: np.ndarray) -> tuple[float, float] | None:
+    """The pixel of a 2D mask's largest piece farthest from its border, as an image
+    point (column, row) at the pixel's centre: where an arrow to a whole structure
+    points (a :class:`PlanarRegion` of type POINT); None for an empty mask."""
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return None
+    pieces, count = ndimage.label(m)
+    sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
+    depth = ndimage.distance_transform_edt(pieces == int(np.argmax(sizes)) + 1)
+    row, col = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return float(col) + 0.5, float(row) + 0.5
 
 
 def largest_slice(labels: np.ndarray, label_value: int) -> tuple[int, np.ndarray] | None:
@@ -957,17 +1172,23 @@ __all__ = [
     "ResultBuildError",
     "SegInput",
     "SegmentSpec",
+    "VIEWER_TOOL_TAG",
+    "ViewerTool",
     "best_slice",
     "build_key_image",
     "build_seg",
     "build_sr",
     "focal_components",
     "hull",
+    "inside_point",
     "largest_slice",
+    "long_axis",
     "outline",
     "seg_uids",
+    "slice_region",
     "source_key",
     "sr_uids",
     "summary_text",
-    "whole_image_region",
+    "viewer_label",
+    "viewer_tool",
 ]

@@ -1,8 +1,10 @@
 """The DICOM listener: Verification and Storage SCP.
 
-The C-STORE handler stays tiny: check the received bytes, move the chunked
-file to its hashed final place durably, record it, and only then answer
-success. Nothing heavy runs on the association thread.
+The C-STORE handler stays tiny: it hands the chunked file pynetdicom received
+to :class:`dicomnode.ingest.IngestService` (the same store-and-record step as
+STOW-RS: check the bytes, move the file to its hashed final place durably,
+record it) and answers with the outcome's status, success only once the
+instance is durable and recorded. Nothing heavy runs on the association thread.
 """
 
 from __future__ import annotations
@@ -17,25 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 
-from db.repo import InstanceRecord, instance_exists, record_instance
-from db.session import get_engine
 from dicomnode import guard
-from dicomnode.constants import OWN_MANUFACTURER
-from dicomnode.storage import (
-    DatasetTooLarge,
-    MalformedDataset,
-    check_structure,
-    commit_file,
-    prepare_storage,
-    sweep_incoming,
+from dicomnode.identity import IdentityKeys
+from dicomnode.ingest import (  # the statuses: re-exported for the listener's users
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    TRANSFER_SYNTAXES,
+    Expected,
+    IngestService,
+    Source,
 )
-from dicomnode.uids import InvalidUID, relative_instance_path, validate_uid
+from dicomnode.storage import prepare_storage, sweep_incoming
 
 log = logging.getLogger(__name__)
 
@@ -59,49 +59,10 @@ def register_retired_storage_classes() -> None:
             register_uid(uid, keyword, StorageServiceClass)
 
 
-# DICOM C-STORE statuses (PS3.4 B.2.3)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC210
-
 VERIFICATION = "1.2.840.10008.1.1"
 
 #: seconds; see StorageSCP._on_accepted
 _DUL_IDLE_DELAY = 0.0001
-
-#: Accepted as received, never transcoded.
-TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1 (Process 14, selection value 1)
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-)
-
-_SERIES_TAGS = [
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "BodyPartExamined",
-    "InstanceNumber",
-    "Manufacturer",
-]
-#: Kept by the structure walk itself: a received file is parsed only once.
-_TAGS = {keyword: Tag(keyword) for keyword in _SERIES_TAGS}
-_KEEP_TAGS = frozenset(_TAGS.values())
 
 
 @dataclass(frozen=True)
@@ -128,6 +89,8 @@ class ListenerConfig:
     tls_ca: Path | None = None
     #: SO_REUSEPORT: several listener processes share the ports
     reuse_port: bool = False
+    #: patient linkage and identifiers at rest (dicomnode/identity.py); None: none recorded
+    identity_keys: IdentityKeys | None = None
 
     def guard_config(self, temp_dir: Path | None = None) -> guard.GuardConfig:
         return guard.GuardConfig(
@@ -153,19 +116,6 @@ class _AssocStats:
     failed: int = 0
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _str_or_none(value: Any, limit: int) -> str | None:
-    if value in (None, ""):
-        return None
-    return str(value)[:limit]
 
 
 class ListenerObserver(Protocol):
@@ -201,6 +151,13 @@ class StorageSCP:
         self._temp_dir: Path | None = None
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
+        self._ingest = IngestService(
+            config.storage_root,
+            config.database_url,
+            config.max_instance_bytes,
+            config.min_free_mb,
+            identity_keys=config.identity_keys,
+        )
 
     # -- set-up -------------------------------------------------------------
 
@@ -398,6 +355,7 @@ class StorageSCP:
 
     def _store(self, event: evt.Event) -> int:
         request = cast(C_STORE, event.request)
+        source = Source("C-STORE", str(event.assoc.requestor.ae_title).strip())
         refused = guard.take_refusal(event.assoc, int(request.MessageID or 0))
         if refused is not None:
             status, reason = refused
@@ -405,120 +363,20 @@ class StorageSCP:
             self._count(event, "failed")
             return status
         context = event.context
-        path = Path(event.dataset_path)
-        affected_sop = str(request.AffectedSOPInstanceUID or "")
-        # 1. Can the bytes be parsed at all?
-        try:
-            ds = check_structure(
-                path, str(context.transfer_syntax), _KEEP_TAGS, self.config.max_instance_bytes
-            )
-        except DatasetTooLarge as exc:
-            log.warning("C-STORE refused 0xA700: %s", exc)
-            self._count(event, "failed")
-            return OUT_OF_RESOURCES
-        except Exception as exc:  # any parse failure
-            log.warning("C-STORE refused 0xC210: cannot parse dataset (%s)", _reason(exc))
-            self._count(event, "failed")
-            return CANNOT_UNDERSTAND
-        # 2. Does it carry valid identifiers that match the request?
-        try:
-            rec = self._record_for(event, ds, path)
-        except InvalidUID as exc:
-            log.warning("C-STORE refused 0xA900: %s", exc)
-            self._count(event, "failed")
-            return DATASET_DOES_NOT_MATCH
-        if rec.sop_instance_uid != affected_sop or rec.sop_class_uid != str(
-            context.abstract_syntax
-        ):
-            log.warning(
-                "C-STORE refused 0xA900: dataset SOP Class/Instance UID does not match the "
-                "request (request sop=%s)",
-                _safe_uid(affected_sop),
-            )
-            self._count(event, "failed")
-            return DATASET_DOES_NOT_MATCH
-        # 3. Store durably, record, then answer success: one transaction looks
-        #    for a duplicate, and commits the row only after the file is durable.
-        final = self.config.storage_root / rec.rel_path
-        stored_here = False
-        try:
-            with get_engine(self.config.database_url).begin() as conn:
-                if instance_exists(conn, rec.sop_instance_uid):
-                    log.debug("duplicate sop=%s ignored", rec.sop_instance_uid)
-                    self._count(event, "duplicate")
-                    return SUCCESS
-                existed = final.exists()
-                try:
-                    commit_file(path, self.config.storage_root, rec.rel_path)
-                except OSError as exc:
-                    raise _CannotStore(exc.strerror or type(exc).__name__) from exc
-                stored_here = not existed
-                created = record_instance(conn, rec)
-        except _CannotStore as exc:
-            log.error("C-STORE refused 0xA700: cannot store instance (%s)", exc)
-            self._count(event, "failed")
-            return OUT_OF_RESOURCES
-        except Exception as exc:  # noqa: BLE001 - database unreachable or full
-            if stored_here:
-                final.unlink(missing_ok=True)
-            log.error(
-                "C-STORE refused 0xA700: database unavailable, cannot record sop=%s (%s)",
-                rec.sop_instance_uid,
-                type(exc).__name__,
-            )
-            self._count(event, "failed")
-            return OUT_OF_RESOURCES
-        self._count(event, "stored" if created else "duplicate", rec.size_bytes)
-        log.debug(
-            "stored sop=%s series=%s study=%s bytes=%d",
-            rec.sop_instance_uid,
-            rec.series_instance_uid,
-            rec.study_instance_uid,
-            rec.size_bytes,
+        outcome = self._ingest.ingest_file(
+            Path(event.dataset_path),
+            str(context.transfer_syntax),
+            source,
+            Expected(
+                sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+                sop_class_uid=str(context.abstract_syntax),
+            ),
         )
+        if not outcome.ok:
+            self._count(event, "failed")
+            return outcome.status
+        self._count(event, outcome.result, outcome.size_bytes)
         return SUCCESS
-
-    def _record_for(self, event: evt.Event, ds: Dataset, path: Path) -> InstanceRecord:
-        study = validate_uid(_ascii(ds, "StudyInstanceUID"), "StudyInstanceUID")
-        series = validate_uid(_ascii(ds, "SeriesInstanceUID"), "SeriesInstanceUID")
-        sop = validate_uid(_ascii(ds, "SOPInstanceUID"), "SOPInstanceUID")
-        sop_class = validate_uid(_ascii(ds, "SOPClassUID"), "SOPClassUID")
-        return InstanceRecord(
-            study_instance_uid=study,
-            series_instance_uid=series,
-            sop_instance_uid=sop,
-            sop_class_uid=sop_class,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            rel_path=relative_instance_path(study, series, sop),
-            size_bytes=path.stat().st_size,
-            modality=_str_or_none(_ascii(ds, "Modality"), 16),
-            series_number=_int_or_none(_ascii(ds, "SeriesNumber")),
-            # LO: may use the dataset's character set, so pydicom decodes it
-            series_description=_str_or_none(ds.get("SeriesDescription"), 64),
-            body_part_examined=_str_or_none(_ascii(ds, "BodyPartExamined"), 16),
-            instance_number=_int_or_none(_ascii(ds, "InstanceNumber")),
-            calling_aet=str(event.assoc.requestor.ae_title).strip()[:16],
-            produced_by_us=_ascii(ds, "Manufacturer") == OWN_MANUFACTURER,
-        )
-
-
-def _ascii(ds: Dataset, keyword: str) -> str | None:
-    """A value of a kept element whose VR is ASCII only (UI, CS, IS), or the
-    Manufacturer compared with our own ASCII name, read from the raw bytes
-    without pydicom's conversion and validation (the listener's hot path)."""
-    elem = ds.get_item(_TAGS[keyword])
-    if elem is None:
-        return None
-    value = elem.value
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode("latin-1").strip(" \x00")
-    return str(value).strip(" \x00")
-
-
-class _CannotStore(Exception):
-    """The instance's file cannot be written (disk full, permissions, ...)."""
 
 
 def _context(
@@ -534,17 +392,17 @@ def _accept_uid(value: object) -> tuple[bool, str]:
     return True, ""
 
 
-def _safe_uid(value: str) -> str:
-    try:
-        return validate_uid(value, "uid")
-    except InvalidUID:
-        return "<invalid>"
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, MalformedDataset):
-        return str(exc)
-    return type(exc).__name__
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "DATASET_DOES_NOT_MATCH",
+    "OUT_OF_RESOURCES",
+    "SUCCESS",
+    "TRANSFER_SYNTAXES",
+    "ListenerConfig",
+    "StorageSCP",
+    "make_tls_context",
+    "register_retired_storage_classes",
+]
 
 
 def make_tls_context(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLContext:

@@ -18,6 +18,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataelem import RawDataElement
@@ -230,6 +231,45 @@ def dataset_offset(buf: bytes | mmap.mmap) -> int:
     if start > len(buf):
         raise MalformedDataset("file meta information is truncated")
     return start
+
+
+@dataclass(frozen=True, slots=True)
+class FileMeta:
+    """What a Part 10 file's meta information says; raw values, not validated."""
+
+    transfer_syntax: str | None
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+
+
+_MEDIA_SOP_CLASS = 0x00020002
+_MEDIA_SOP_INSTANCE = 0x00020003
+_TRANSFER_SYNTAX = 0x00020010
+_META_KEEP = frozenset({_MEDIA_SOP_CLASS, _MEDIA_SOP_INSTANCE, _TRANSFER_SYNTAX})
+_META_START = 132
+
+
+def read_file_meta(path: Path) -> FileMeta:
+    """Read the transfer syntax, SOP class and SOP instance UIDs of the file meta
+    information of the Part 10 file at ``path`` (a file a client sent, e.g. over
+    STOW-RS) without decoding anything else; :class:`MalformedDataset` if it has
+    no complete meta group."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise MalformedDataset("empty file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            start = dataset_offset(mm)
+            walker = _Walker(mm, False, True, _META_KEEP)
+            walker.walk(_META_START, start)
+            kept = walker.kept
+
+    def value(tag: int) -> str | None:
+        elem = kept.get_item(BaseTag(tag))
+        if elem is None or not isinstance(elem.value, bytes):
+            return None
+        return elem.value.decode("latin-1").strip(" \x00")
+
+    return FileMeta(value(_TRANSFER_SYNTAX), value(_MEDIA_SOP_CLASS), value(_MEDIA_SOP_INSTANCE))
 
 
 def check_structure(

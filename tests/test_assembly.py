@@ -20,8 +20,18 @@ from db.repo import InstanceRecord, record_instance
 from db.session import dispose_all, session_scope
 from dicomnode.assembly import StudyState, is_complete
 from dicomnode.uids import relative_instance_path
-from worker.scheduling.celery_app import INFERENCE_QUEUE, PROCESS_JOB_TASK
-from worker.scheduling.scheduler import assemble_once, reconcile_once
+from worker.scheduling.celery_app import (
+    INFERENCE_QUEUE,
+    PROCESS_JOB_TASK,
+    broker_transport_options,
+)
+from worker.scheduling.completion import PROBE_QUIET_SECONDS
+from worker.scheduling.scheduler import (
+    SEND_GRACE_SECONDS,
+    Scheduler,
+    assemble_once,
+    reconcile_once,
+)
 from worker.settings import Settings, load_settings
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC)
@@ -181,10 +191,48 @@ def test_broker_down_leaves_a_queued_job_for_the_reconciler(settings: Settings) 
     (job,) = jobs(settings)
     assert created == [job.id] and job.status == "queued" and job.enqueued_at is None
     up = FakeApp(settings.effective_database_url)
-    assert reconcile_once(settings, up) == [job.id]
+    # just made: its maker may still be sending it
+    assert reconcile_once(settings, up) == []
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=SEND_GRACE_SECONDS + 1)
+    assert reconcile_once(settings, up, now=soon) == [job.id]
     assert up.sent == [(PROCESS_JOB_TASK, [job.id], INFERENCE_QUEUE)]
     assert jobs(settings)[0].enqueued_at is not None
     # sent recently: not sent again until requeue_after_seconds have passed
-    assert reconcile_once(settings, up) == []
+    assert reconcile_once(settings, up, now=soon) == []
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=601)
     assert reconcile_once(settings, up, now=later) == [job.id]
+
+
+# -- the scheduler: exact due times instead of a poll ------------------------------
+
+
+def test_look_says_when_the_next_study_is_due(settings: Settings) -> None:
+    app = FakeApp(settings.effective_database_url)
+    scheduler = Scheduler(settings, app, doorbell=False)
+    assert scheduler.probe is None  # no PACS_AI_PACS: the quiet period only
+    assert scheduler.look(now=T0) is None  # nothing waits
+    receive(settings, "1.2.3", 2, T0)
+    receive(settings, "1.2.4", 1, T0 + dt.timedelta(seconds=10))
+    assert scheduler.look(now=T0 + dt.timedelta(seconds=12)) == pytest.approx(18.0)
+    assert scheduler.look(now=T0 + dt.timedelta(seconds=30)) == pytest.approx(10.0)
+    assert [j.num_instances for j in jobs(settings)] == [2]
+    assert scheduler.look(now=T0 + dt.timedelta(seconds=40)) is None
+    assert [j.num_instances for j in jobs(settings)] == [2, 1]
+
+
+def test_ring_delay_is_the_earliest_anything_can_be_due(settings: Settings) -> None:
+    app = FakeApp(settings.effective_database_url)
+    assert Scheduler(settings, app, doorbell=False).ring_delay == 30.0
+    short = settings.model_copy(update={"stable_seconds": 0.0})
+    assert Scheduler(short, app, doorbell=False).ring_delay == 0.0
+    with_pacs = Scheduler(settings, app, query=lambda uid: None, doorbell=False)
+    assert with_pacs.ring_delay == PROBE_QUIET_SECONDS
+    assert with_pacs.probe is not None
+    with_pacs.probe.close()
+
+
+def test_workers_look_into_the_filesystem_broker_often(settings: Settings) -> None:
+    options = broker_transport_options(settings)
+    assert options["polling_interval"] <= 0.05
+    redis = settings.model_copy(update={"broker_url": "redis://127.0.0.1:6379/0"})
+    assert "polling_interval" not in broker_transport_options(redis)  # Redis pushes

@@ -84,6 +84,8 @@ def _value(table: str, column: sa.Column[Any], i: int, fks: dict[str, str]) -> A
         return 0.25 * i
     if isinstance(kind, sa.DateTime):
         return T0 + dt.timedelta(minutes=i)
+    if isinstance(kind, sa.Date):
+        return T0.date() - dt.timedelta(days=180 * i)
     if isinstance(kind, sa.JSON):
         return {"n": i, "list": [1, 2]}
     if isinstance(kind, sa.String):

@@ -121,7 +121,8 @@ def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> No
         assert str(ds.SeriesDescription).startswith("AI")
 
     # highdicom reads the finding, probability, volume and diameter back from the
-    # SR; every finding is drawn (a region on a source image)
+    # SR; every finding is drawn on a source image (a region, or the points its
+    # measurement was inferred from)
     results = {
         (r["model"], r["finding"]): r for r in node.json("results", "list", "--study", study_uid)
     }
@@ -131,8 +132,14 @@ def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> No
         assert g.roi is not None
         image = g.roi.ContentSequence[0].ReferencedSOPSequence[0]
         assert str(image.ReferencedSOPInstanceUID) in sources
+    shown = report.get_image_measurement_groups()  # TID 1501: what a viewer draws
+    for g in shown:
+        (m,) = g.get_measurements()
+        assert m.referenced_coordinates
+        image = m.referenced_coordinates[0].ContentSequence[0].ReferencedSOPSequence[0]
+        assert str(image.ReferencedSOPInstanceUID) in sources
     cls = results[("chest-ct-nodule-cls", "Lung nodule")]
-    (group,) = [g for g in planar if "chest-ct-nodule-cls" in str(g.tracking_identifier)]
+    (group,) = [g for g in shown if "chest-ct-nodule-cls" in str(g.tracking_identifier)]
     assert group.finding_type.meaning == "Lung nodule"
     (certainty,) = group.get_measurements()
     assert certainty.value == pytest.approx(100 * cls["probability"], abs=0.01)
@@ -150,19 +157,28 @@ def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> No
     nodule_row = results[("chest-ct-lung-seg", "Lung nodule")]
     components = nodule_row["measurements"]["components"]
     assert components  # the phantom's 16 mm nodule is found
-    nodules = [
-        g
-        for g in planar
-        if g.finding_type.meaning == "Lung nodule"
-        and "chest-ct-lung-seg" in str(g.tracking_identifier)
-    ]
-    assert len(nodules) == len(components)
-    for g, component in zip(nodules, components, strict=True):
-        measured = {m.name.meaning: m for m in g.get_measurements()}
-        assert measured["Volume"].value == pytest.approx(component["volume_ml"], abs=0.001)
-        assert measured["Volume"].unit.value == "cm3"
-        assert measured["Diameter"].value == pytest.approx(component["max_diameter_mm"], abs=0.01)
-        assert measured["Diameter"].unit.value == "mm"
+
+    def nodules(groups: list[Any]) -> list[Any]:
+        return [
+            g
+            for g in groups
+            if g.finding_type.meaning == "Lung nodule"
+            and "chest-ct-lung-seg" in str(g.tracking_identifier)
+        ]
+
+    # per nodule: its outline and volume (TID 1410), its diameter (TID 1501)
+    outlined, measured = nodules(planar), nodules(shown)
+    assert len(outlined) == len(measured) == len(components)
+    for g, d, component in zip(outlined, measured, components, strict=True):
+        assert str(g.tracking_identifier) == str(d.tracking_identifier)
+        (volume,) = g.get_measurements()
+        assert volume.name.meaning == "Volume"
+        assert volume.value == pytest.approx(component["volume_ml"], abs=0.001)
+        assert volume.unit.value == "cm3"
+        (diameter,) = d.get_measurements()
+        assert diameter.name.meaning == "Diameter"
+        assert diameter.value == pytest.approx(component["max_diameter_mm"], abs=0.01)
+        assert diameter.unit.value == "mm"
 
     # the key image: one frame, the source's modality (no cine), the text in its band
     ki = dcmread(objects[SC_CLASS])

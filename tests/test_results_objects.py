@@ -16,8 +16,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicomnode.destinations import parse_destination, parse_destinations
+from dicomnode.protocols import classify_status, parse_destination, parse_destinations
 from dicomnode.results import (
+    VIEWER_TOOL_TAG,
     CodeSpec,
     Finding,
     ModelSpec,
@@ -30,12 +31,15 @@ from dicomnode.results import (
     build_sr,
     focal_components,
     hull,
+    inside_point,
     largest_slice,
+    long_axis,
     outline,
     render_key_image,
+    slice_region,
     summary_text,
+    viewer_label,
 )
-from dicomnode.scu import classify_status
 from dicomnode.uids import DEFAULT_UID_ROOT, InvalidUID, derived_uid, validate_uid
 from testkit.phantoms import Nodule, generate_chest_ct, phantom_to_datasets, sample_geometry
 from tests.conftest import have
@@ -250,6 +254,57 @@ def _scoords(items: list[Dataset]) -> list[Dataset]:
     return [i for i in items if i.ValueType in {"SCOORD", "SCOORD3D"}]
 
 
+def _drawn_scoord(items: list[Dataset]) -> Dataset:
+    """What OHIF draws of a finding before it is tracked: its region, else the
+    coordinates its measurements were inferred from."""
+    found = _scoords(items) or [
+        s for i in items if i.ValueType == "NUM" for s in _scoords(i.get("ContentSequence", []))
+    ]
+    assert found, "nothing to draw"
+    return found[0]
+
+
+def viewer_measurements(sr: Dataset) -> list[dict[str, Any]]:
+    """The measurements OHIF 3.13 makes of an SR's groups when it tracks them
+    (@cornerstonejs/adapters ``MeasurementReport.generateToolState``): the tool
+    named after the tag in the Tracking Identifier, the points of the "inferred
+    from" coordinates of the group's first measurement (of its region when it has
+    none; a group with a measurement without coordinates is skipped), the name
+    from its Comment, and for a Length its value."""
+    out = []
+    for group in _item(sr.ContentSequence, "Imaging Measurements").ContentSequence:
+        items = list(group.ContentSequence)
+        identifier = str(_item(items, "Tracking Identifier").TextValue)
+        tag, _, rest = identifier.partition(":")
+        assert tag == VIEWER_TOOL_TAG, identifier
+        tool = rest.split(":")[0]
+        nums = [i for i in items if i.ValueType == "NUM"]
+        scoords = _scoords(list(nums[0].get("ContentSequence", []))) if nums else _scoords(items)
+        if not scoords:
+            continue
+        (comment,) = [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+        scoord = scoords[0]
+        points = np.asarray(scoord.GraphicData, dtype=np.float64).reshape(-1, 2)
+        found: dict[str, Any] = {
+            "tool": tool,
+            "label": str(comment.TextValue),
+            "points": points,
+            "graphic_type": str(scoord.GraphicType),
+            "image": str(
+                scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            ),
+        }
+        if tool == "Length":
+            assert scoord.GraphicType == "POLYLINE" and len(points) == 2
+            value = nums[0].MeasuredValueSequence[0]
+            found["value"] = float(value.NumericValue)
+            found["unit"] = str(value.MeasurementUnitsCodeSequence[0].CodeValue)
+        else:
+            assert tool == "ArrowAnnotate" and scoord.GraphicType == "POINT" and len(points) == 1
+        out.append(found)
+    return out
+
+
 def test_sr_content_tree(tmp_path: Path) -> None:
     paths, truth, _ = _series(tmp_path / "s")
     seg_in, _volume = _seg_input(paths, truth)
@@ -278,33 +333,59 @@ def test_sr_content_tree(tmp_path: Path) -> None:
     assert _item(root, "Device Observer Name").TextValue == "pacs-ai"
     assert _code(_item(root, "Procedure reported")) == ("24627-2", "LN")
     groups = _item(root, "Imaging Measurements").ContentSequence
-    # the nodule first (viewers open on the first group), the lungs (region + SEG
-    # segment), the classifier's nodule. The classifier's "Lung" has no slice to
-    # draw on: a qualitative evaluation.
+    # the nodule first (viewers open on the first group), the lungs, the classifier's
+    # nodule. Per finding: the region with the measurements that have no points of
+    # their own (TID 1410), the measurement a viewer draws with its points (TID 1501),
+    # the volume of a whole segment with the SEG segment (TID 1411). The classifier's
+    # "Lung" has no slice to draw on: a qualitative evaluation.
     assert [g.ContentTemplateSequence[0].TemplateIdentifier for g in groups] == [
         "1410",
+        "1501",
         "1410",
         "1411",
-        "1410",
+        "1501",
     ]
-    seg_nodule, lung_region, lung_volume, cls_nodule = groups
+    nodule_region, nodule_diameter, lung_region, lung_volume, cls_nodule = groups
     for group in groups:
         algo = _item(group.ContentSequence, "Algorithm Name")
         version = _item(group.ContentSequence, "Algorithm Version")
         assert algo.TextValue in {SEG_MODEL.name, CLS_MODEL.name}
         assert version.TextValue in {SEG_MODEL.version, CLS_MODEL.version}
 
-    # every group is drawn: merged by tracking UID (as OHIF does), each has a
-    # region on a source image
+    # one tracking identifier per finding (OHIF merges its groups), naming the
+    # viewer tool; every finding is drawn on a source image
     merged = _groups_by_tracking_uid(sr)
     assert len(merged) == 3
     for items in merged.values():
-        (scoord,) = _scoords(items)
-        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        ref = _drawn_scoord(items).ContentSequence[0].ReferencedSOPSequence[0]
         assert str(ref.ReferencedSOPInstanceUID) in truth
+        identifiers = {
+            str(i.TextValue)
+            for i in items
+            if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "112039"
+        }
+        assert len(identifiers) == 1
+    tracking = [str(_item(g.ContentSequence, "Tracking Identifier").TextValue) for g in groups]
+    assert (
+        tracking[0]
+        == tracking[1]
+        == (f"{VIEWER_TOOL_TAG}:Length:Lung nodule 1 of 1 (chest-ct-lung-seg)")
+    )
+    assert tracking[2] == tracking[3] == f"{VIEWER_TOOL_TAG}:ArrowAnnotate:Lung (chest-ct-lung-seg)"
+    assert tracking[4] == (
+        f"{VIEWER_TOOL_TAG}:ArrowAnnotate:Lung nodule present (chest-ct-nodule-cls)"
+    )
 
-    # the classifier: finding, finding site, certainty in %, present, the whole
-    # slice that drove it
+    # what OHIF lists once the reader tracks the report: each finding with its values
+    shown = viewer_measurements(sr)
+    assert [(m["tool"], m["label"]) for m in shown] == [
+        ("Length", "Lung nodule 1 of 1: diameter 15.4 mm, volume 1.81 cm3"),
+        ("ArrowAnnotate", "Lung: volume 2512.5 cm3"),
+        ("ArrowAnnotate", "Lung nodule: present, probability 87 % (chest-ct-nodule-cls)"),
+    ]
+
+    # the classifier: finding, finding site, certainty in %, present, the slice that
+    # drove it (an arrow at its top)
     items = cls_nodule.ContentSequence
     assert _code(_item(items, "Finding")) == ("786838002", "SCT")
     assert _code(_item(items, "Finding Site")) == ("39607008", "SCT")
@@ -315,46 +396,57 @@ def test_sr_content_tree(tmp_path: Path) -> None:
     assert value.MeasurementUnitsCodeSequence[0].CodeValue == "%"
     assert value.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
     assert _code(_item(items, "Lung nodule")) == ("52101004", "SCT")  # Present
-    (region,) = _scoords(items)
-    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key
-    assert region.GraphicType == "POLYLINE"
-    rows, cols = int(seg_in.source[5].Rows), int(seg_in.source[5].Columns)
-    xs, ys = region.GraphicData[0::2], region.GraphicData[1::2]
-    assert (min(xs), min(ys), max(xs), max(ys)) == (0.5, 0.5, cols - 0.5, rows - 0.5)
-    assert "chest-ct-nodule-cls" in _item(items, "Tracking Identifier").TextValue
+    (arrow,) = _scoords(certainty.ContentSequence)
+    assert arrow.RelationshipType == "INFERRED FROM" and arrow.GraphicType == "POINT"
+    assert arrow.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key
+    assert not _scoords(list(items))  # no region: a TID 1501 group
 
-    # the nodule: its outline on the slice where it is largest, over the nodule;
-    # maximum diameter in mm, volume in cm3 with the SEG segment as its source
-    items = seg_nodule.ContentSequence
+    # the nodule: its outline on the slice where it is largest, over the nodule; its
+    # volume in cm3 with the SEG segment as its source; its maximum diameter in mm,
+    # inferred from a line along its long axis there, as long as the diameter
+    items = nodule_region.ContentSequence
     (region,) = _scoords(items)
     assert region.GraphicType == "POLYLINE"
     uid = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
     areas = {u: int((m == 2).sum()) for u, m in truth.items()}
     assert areas[uid] == max(areas.values())
     _assert_outlines(region.GraphicData, truth[uid] == 2)
-    assert _item(items, "Tracking Identifier").TextValue.startswith("Lung nodule 1 of 1")
     volume = _item(items, "Volume")
     assert float(volume.MeasuredValueSequence[0].NumericValue) == pytest.approx(1.812)
     assert volume.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "cm3"
     source = _item(volume.ContentSequence, "Source of Measurement").ReferencedSOPSequence[0]
     assert source.ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert int(source.ReferencedSegmentNumber) == 2
-    diameter = _item(items, "Diameter")
+    assert not [i for i in items if i.ConceptNameCodeSequence[0].CodeMeaning == "Diameter"]
+    diameter = _item(nodule_diameter.ContentSequence, "Diameter")
     assert float(diameter.MeasuredValueSequence[0].NumericValue) == pytest.approx(15.4)
     assert diameter.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mm"
     assert _code(_item(diameter.ContentSequence, "Derivation")) == ("56851009", "SCT")
+    (axis,) = _scoords(diameter.ContentSequence)
+    assert axis.RelationshipType == "INFERRED FROM" and axis.GraphicType == "POLYLINE"
+    assert str(axis.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == uid
+    line = shown[0]
+    spacing = np.asarray([float(v) for v in seg_in.source[0].PixelSpacing][::-1])
+    ends = line["points"] * spacing
+    assert float(np.linalg.norm(ends[1] - ends[0])) == pytest.approx(15.4, abs=0.01)
+    centre = line["points"].mean(axis=0)
+    assert (truth[uid] == 2)[int(centre[1]), int(centre[0])]  # across the nodule
+    assert (line["value"], line["unit"]) == (pytest.approx(15.4), "mm")
     assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "786838002"
 
-    # the lungs: the region (hull of both lungs on their largest slice) and the
-    # TID 1411 group with the volume, referencing the SEG segment; one tracking UID
+    # the lungs: an arrow into them on their largest slice, and the TID 1411 group
+    # with the volume, referencing the SEG segment; one tracking UID
     assert _item(lung_region.ContentSequence, "Tracking Unique Identifier").UID == (
         _item(lung_volume.ContentSequence, "Tracking Unique Identifier").UID
     )
     assert not [i for i in lung_region.ContentSequence if i.ValueType == "NUM"]
     (region,) = _scoords(lung_region.ContentSequence)
+    assert region.GraphicType == "POINT"
     uid = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
     lung_areas = {u: int((m == 1).sum()) for u, m in truth.items()}
     assert lung_areas[uid] == max(lung_areas.values())
+    x, y = (float(v) for v in region.GraphicData)
+    assert truth[uid][int(y), int(x)] == 1  # the arrow points into a lung
     ref = _item(lung_volume.ContentSequence, "Referenced Segment").ReferencedSOPSequence[0]
     assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert ref.ReferencedSOPClassUID == seg.SOPClassUID
@@ -394,13 +486,28 @@ def test_sr_content_tree(tmp_path: Path) -> None:
     sr.save_as(path, enforce_file_format=True)
     report = hd.sr.srread(path).content
     planar = report.get_planar_roi_measurement_groups()
-    (group,) = [g for g in planar if CLS_MODEL.name in str(g.tracking_identifier)]
-    assert group.finding_type.value == "786838002"
-    assert group.get_measurements()[0].value == pytest.approx(87.3)
-    (nodule,) = [g for g in planar if g.finding_type.meaning == "Lung nodule" and g is not group]
-    measured = {m.name.meaning: m.value for m in nodule.get_measurements()}
-    assert measured == {"Diameter": pytest.approx(15.4), "Volume": pytest.approx(1.812)}
+    (nodule,) = [g for g in planar if g.finding_type.meaning == "Lung nodule"]
+    (lung,) = [g for g in planar if g.finding_type.meaning == "Lung"]
+    assert lung.roi is not None and lung.roi.graphic_type.value == "POINT"
     assert nodule.roi is not None and nodule.roi.graphic_type.value == "POLYLINE"
+    assert {m.name.meaning: m.value for m in nodule.get_measurements()} == {
+        "Volume": pytest.approx(1.812)
+    }
+    measured = {
+        (str(g.tracking_identifier), m.name.meaning): m.value
+        for g in report.get_image_measurement_groups()
+        for m in g.get_measurements()
+    }
+    assert measured == {
+        (tracking[1], "Diameter"): pytest.approx(15.4),
+        (tracking[4], "Certainty of Finding"): pytest.approx(87.3),
+    }
+    (cls,) = [
+        g
+        for g in report.get_image_measurement_groups()
+        if CLS_MODEL.name in str(g.tracking_identifier)
+    ]
+    assert cls.finding_type.value == "786838002"
     (vol,) = report.get_volumetric_roi_measurement_groups()
     assert vol.finding_type.meaning == "Lung"
     assert vol.get_measurements()[0].value == pytest.approx(2512.5)
@@ -409,7 +516,14 @@ def test_sr_content_tree(tmp_path: Path) -> None:
         assert _dciodvfy(path) == []
     if have("dsr2html"):
         html = _dsr2html(path)
-        for text in ("Lung nodule 1 of 1", "15.4 mm", "1.812 cm3", "2512.5 cm3", "87.3 %"):
+        for text in (
+            "Lung nodule 1 of 1",
+            "15.4 mm",
+            "1.812 cm3",
+            "2512.5 cm3",
+            "87.3 %",
+            "Lung nodule: present, probability 87 %",
+        ):
             assert text in html, text
 
 
@@ -436,9 +550,10 @@ def _assert_outlines(graphic_data: Any, mask: np.ndarray) -> None:
 
 @pytest.mark.parametrize("nodules", [0, 2])
 def test_sr_draws_every_finding(tmp_path: Path, nodules: int) -> None:
-    """No nodule, two nodules: every measurement group has a region (OHIF draws
-    a group by its region and fails on one without), each nodule is outlined
-    over itself on the slice where it is largest."""
+    """No nodule, two nodules: every finding is drawn (OHIF draws a finding by its
+    region or its measurement's points and fails on one without), each nodule
+    outlined over itself on the slice where it is largest, and every drawn finding
+    is a measurement OHIF lists with its values, each nodule's a line across it."""
     paths, truth, _ = _series(tmp_path / "s", nodules=nodules, seed=5_000_003)
     seg_in, _volume = _seg_input(paths, truth)
     seg = build_seg(seg_in, "2.25")
@@ -453,11 +568,11 @@ def test_sr_draws_every_finding(tmp_path: Path, nodules: int) -> None:
     sr = build_sr(drawn, seg_in.source, {SEG_MODEL.name: seg}, "2.25")
     merged = _groups_by_tracking_uid(sr)
     for items in merged.values():
-        assert len(_scoords(items)) == 1
+        _drawn_scoord(items)
     labelled = [
         items
         for items in merged.values()
-        if _item(items, "Tracking Identifier").TextValue.startswith("Lung nodule ")
+        if ":Lung nodule " in _item(items, "Tracking Identifier").TextValue
         and "chest-ct-lung-seg" in _item(items, "Tracking Identifier").TextValue
     ]
     assert len(labelled) == nodules
@@ -471,6 +586,18 @@ def test_sr_draws_every_finding(tmp_path: Path, nodules: int) -> None:
             "Diameter",
             "Volume",
         }
+    shown = viewer_measurements(sr)
+    lines = [m for m in shown if m["tool"] == "Length"]
+    assert [m["label"].split(":")[0] for m in lines] == [
+        f"Lung nodule {i} of {nodules}" for i in range(1, nodules + 1)
+    ]
+    for m in lines:
+        centre = m["points"].mean(axis=0)
+        assert truth[m["image"]][int(centre[1]), int(centre[0])] == 2
+    assert [m["label"] for m in shown if m["tool"] == "ArrowAnnotate"] == [
+        "Lung: volume 2512.5 cm3",
+        "Lung nodule: present, probability 87 % (chest-ct-nodule-cls)",
+    ]
     evaluations = _item(sr.ContentSequence, "Qualitative Evaluations").ContentSequence
     if nodules == 0:
         # the segmentation's "Lung nodule: absent" has nothing to draw
@@ -514,6 +641,69 @@ def test_outline_and_hull_follow_pixel_edges() -> None:
     assert outline(np.zeros((4, 4), dtype=bool)) is None
     with pytest.raises(ValueError, match="closed"):
         PlanarRegion("1.2.3", ((0.0, 0.0), (1.0, 0.0), (1.0, 1.0)))
+
+
+def test_viewer_points_and_labels(tmp_path: Path) -> None:
+    """Where OHIF's tools go and what they are called: a nodule's line is its long
+    axis (in mm, whatever the pixel spacing) resized to its diameter, an arrow to a
+    whole structure points into it, a classifier's arrow into the top of its slice;
+    names carry the values, probabilities never read 0 % or 100 %."""
+    # a diamond 10 pixels wide, 16 high: with 2 x 1 mm pixels its long axis is across
+    diamond = ((5.0, 0.0), (10.0, 8.0), (5.0, 16.0), (0.0, 8.0), (5.0, 0.0))
+    assert long_axis(diamond) == ((5.0, 0.0), (5.0, 16.0))
+    assert long_axis(diamond, (2.0, 1.0)) == ((0.0, 8.0), (10.0, 8.0))
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[2:18, 2:10] = True  # the larger piece: 16 x 8
+    mask[5:9, 20:26] = True
+    x, y = inside_point(mask)  # type: ignore[misc]
+    assert mask[int(y), int(x)] and 2 + 3 <= x <= 10 - 3
+    assert inside_point(np.zeros((4, 4), dtype=bool)) is None
+
+    paths, truth, _ = _series(tmp_path / "s")
+    seg_in, _volume = _seg_input(paths, truth)
+    seg = build_seg(seg_in, "2.25")
+    source = seg_in.source[5]
+    key = str(source.SOPInstanceUID)
+    findings = _drawn(seg_in, _findings(key))
+    # a worker may point at a whole structure itself
+    lung_uid = next(f.region.sop_instance_uid for f in findings if f.code == LUNG and f.region)
+    point = inside_point(truth[lung_uid] == 1)
+    assert point is not None
+    findings = [
+        replace(f, region=PlanarRegion(lung_uid, (point,), "POINT"))
+        if f.code == LUNG and f.region
+        else f
+        for f in findings
+    ]
+    sr = build_sr(findings, seg_in.source, {SEG_MODEL.name: seg}, "2.25")
+    shown = {m["label"]: m for m in viewer_measurements(sr)}
+    lung = shown["Lung: volume 2512.5 cm3"]
+    assert tuple(lung["points"][0]) == point
+    cls = shown["Lung nodule: present, probability 87 % (chest-ct-nodule-cls)"]
+    assert cls["image"] == key
+    assert tuple(cls["points"][0]) == (0.5 * int(source.Columns), 0.08 * int(source.Rows))
+    assert slice_region(source).points == ((0.5 * int(source.Columns), 0.08 * int(source.Rows)),)
+
+    f = Finding(CLS_MODEL, "classification", NODULE, present=False, probability=0.003)
+    assert viewer_label(f) == "Lung nodule: absent, probability <1 % (chest-ct-nodule-cls)"
+    assert viewer_label(replace(f, present=True, probability=0.9996)).endswith(
+        "present, probability >99 % (chest-ct-nodule-cls)"
+    )
+    assert viewer_label(replace(f, present=True, probability=1.0)).endswith(
+        ">99 % (chest-ct-nodule-cls)"
+    )
+    nodule = Finding(
+        SEG_MODEL,
+        "segmentation",
+        NODULE,
+        True,
+        volume_ml=0.8,
+        longest_diameter_mm=11.94,
+        focal=True,
+        component=2,
+        components=2,
+    )
+    assert viewer_label(nodule) == "Lung nodule 2 of 2: diameter 11.9 mm, volume 0.80 cm3"
 
 
 # -- SEG geometry -------------------------------------------------------------------

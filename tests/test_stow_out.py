@@ -67,7 +67,7 @@ def test_registry_keys_protocols_by_scheme() -> None:
     assert isinstance(parse_destination("stow+https://pacs/dicom-web"), StowDestination)
     # the C-STORE row key is what it always was, so existing delivery rows still match
     assert parse_destination("tls://PACS@pacs:2762/sr").name == "PACS@pacs:2762"
-    assert KINDS == ("sr", "seg", "ki")
+    assert KINDS == ("sr", "seg", "ki", "map")
 
 
 @pytest.mark.parametrize(

@@ -6,16 +6,23 @@ Orthanc with the DICOMweb plugin, which OHIF (its prebuilt ``dist/``, served by
 
 - one nodule: the SR opens without an error screen, on the nodule's slice, its
   outline drawn over the nodule (where the SR's region says, on the image it
-  references) and labelled with diameter and volume; the SEG opens with its
+  references) and labelled with diameter and volume; the reader answers "Yes" to
+  OHIF's "track measurements?" and the measurement panel lists every finding
+  with its values (the nodule with diameter and volume, a line across it, the
+  lung volume, the classifier's finding and certainty); the SEG opens with its
   segments listed; the key image shows its text band with no cine player;
 - no nodule, two nodules, and an endoscopy image (classifier only): the SR
-  opens without an error screen and draws its findings.
+  opens without an error screen, draws its findings, and once tracked the panel
+  lists them with their values.
 
+What the panel must list comes from the SR itself
+(:func:`tests.test_results_objects.viewer_measurements`, OHIF's rules).
 Screenshots go to ``test-output/viewer/`` for a person to look at.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +38,7 @@ from testkit.phantoms import (
     phantom_to_datasets,
 )
 from tests.conftest import REPO, NodeFactory, port_open, send_datasets, wait_for
-from tests.test_results_objects import two_nodules
+from tests.test_results_objects import two_nodules, viewer_measurements
 from tests.viewer import OrthancWeb, ViewerServer, chromium, ohif_dist, require_viewer, screenshot
 from worker.pipeline.registry import DEMO_MODELS_DIR
 
@@ -167,6 +174,66 @@ class Viewer:
 
         return str(wait_for(drawn, timeout, 0.5, what=f"OHIF to draw {labels}"))
 
+    def track(self) -> None:
+        """Answer "Yes" to OHIF's "continue tracking measurements?" for the SR."""
+        from selenium.webdriver.common.by import By
+
+        def prompt() -> Any:
+            errors = self.errors()
+            assert not errors, errors
+            found = self.driver.find_elements(By.CSS_SELECTOR, "[data-cy=yes-hydrate-btn]")
+            return found[0] if found and found[0].is_displayed() else None
+
+        wait_for(prompt, 60, 0.5, what="OHIF to offer tracking the SR").click()
+
+    def panel(self, count: int, timeout: float = 60) -> list[str]:
+        """The measurement panel's rows (their text) once it lists ``count``."""
+        from selenium.webdriver.common.by import By
+
+        def rows() -> list[str] | None:
+            errors = self.errors()
+            assert not errors, errors
+            for tab in self.driver.find_elements(
+                By.CSS_SELECTOR, "[data-cy=trackedMeasurements-btn]"
+            ):
+                if tab.is_displayed() and not self.driver.find_elements(
+                    By.CSS_SELECTOR, "[data-cy^=measurement-table-row]"
+                ):
+                    tab.click()
+            found = [
+                str(e.get_attribute("innerText") or "")
+                for e in self.driver.find_elements(
+                    By.CSS_SELECTOR, "[data-cy^=measurement-table-row]"
+                )
+            ]
+            return found if len(found) >= count else None
+
+        return list(wait_for(rows, timeout, 0.5, what=f"{count} measurements listed"))
+
+    def select(self, index: int) -> None:
+        """Click the ``index``-th row of the panel: OHIF shows its measurement."""
+        from selenium.webdriver.common.by import By
+
+        row = self.driver.find_elements(By.CSS_SELECTOR, "[data-cy^=measurement-table-row]")[index]
+        row.find_element(By.CSS_SELECTOR, "[data-cy=data-row]").click()
+
+    def lines(self) -> list[dict[str, float]]:
+        """The SVG lines drawn in the viewport (page coordinates of their ends)."""
+        return list(
+            self.driver.execute_script(
+                """
+                return [...document.querySelectorAll('[data-cy=viewport-pane] svg line')]
+                  .map(e => {
+                    const m = e.getScreenCTM();
+                    const p = (x, y) => new DOMPoint(x, y).matrixTransform(m);
+                    const a = p(e.x1.baseVal.value, e.y1.baseVal.value);
+                    const b = p(e.x2.baseVal.value, e.y2.baseVal.value);
+                    return {x1: a.x, y1: a.y, x2: b.x, y2: b.y};
+                  });
+                """
+            )
+        )
+
     def polylines(self) -> list[dict[str, float]]:
         """The SVG polylines drawn in the viewport (page coordinates)."""
         return list(
@@ -242,20 +309,35 @@ def test_results_in_ohif(node_factory: NodeFactory, tmp_path: Path) -> None:
             viewer = Viewer(driver, web.base)
             _one_nodule(viewer, uids["one-nodule"], objects["one-nodule"])
             _two_nodules(viewer, uids["two-nodules"], objects["two-nodules"]["sr"])
-            for name, label in (("no-nodule", "Volume"), ("endoscopy", "Certainty of Finding")):
-                viewer.open(uids[name], str(objects[name]["sr"].SeriesInstanceUID))
-                viewer.wait_drawn(label)
-                _shot(viewer, f"{name}-sr")
-                assert not viewer.errors()
+            for name, drawn in (("no-nodule", "Volume"), ("endoscopy", "Certainty of Finding")):
+                _other(viewer, uids[name], objects[name]["sr"], name, drawn)
     finally:
         orthanc.stop()
+
+
+def _tracked(viewer: Viewer, sr: Dataset, name: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The reader tracks the open SR: OHIF's measurement panel lists each finding
+    the SR draws, by its name with its values; a line shows its length."""
+    expected = viewer_measurements(sr)
+    assert expected
+    viewer.track()
+    rows = viewer.panel(len(expected))
+    _shot(viewer, f"{name}-sr-panel")
+    assert len(rows) == len(expected), rows
+    for m in expected:
+        (row,) = [r for r in rows if m["label"] in r]
+        if m["tool"] == "Length":
+            shown = [float(v) for v in re.findall(r"^([0-9.]+) mm$", row, re.M)]
+            assert shown and abs(shown[0] - m["value"]) < 0.06, (row, m["value"])
+    assert not viewer.errors()
+    return expected, rows
 
 
 def _one_nodule(viewer: Viewer, study_uid: str, objects: dict[str, Dataset]) -> None:
     sr, seg, ki = objects["sr"], objects["seg"], objects["ki"]
     # the SR: drawn on the nodule's slice, over the nodule, labelled
     uid, points, label = _first_region(sr)
-    assert label.startswith("Lung nodule 1 of 1")
+    assert ":Lung nodule 1 of 1 " in label
     viewer.open(study_uid, str(sr.SeriesInstanceUID))
     text = viewer.wait_drawn("Diameter", "Volume")
     assert "mm" in text and "cm3" in text
@@ -266,8 +348,36 @@ def _one_nodule(viewer: Viewer, study_uid: str, objects: dict[str, Dataset]) -> 
     tolerance = max(6.0, 0.25 * max(nearest["w"], nearest["h"]))
     assert abs(nearest["x"] - px) < tolerance and abs(nearest["y"] - py) < tolerance
     _shot(viewer, "one-nodule-sr")
-    viewer.driver.find_element("css selector", "[data-cy=trackedMeasurements-btn]").click()
-    _shot(viewer, "one-nodule-sr-panel")
+
+    # tracked: every finding listed with its values (nodule, lungs, classifier)
+    expected, rows = _tracked(viewer, sr, "one-nodule")
+    labels = [m["label"] for m in expected]
+    assert [m["tool"] for m in expected].count("Length") == 1
+    assert any(t.startswith("Lung nodule 1 of 1: diameter ") and "cm3" in t for t in labels)
+    assert any(t.startswith("Lung: volume ") for t in labels)
+    assert any("probability" in t and "chest-ct-nodule-cls" in t for t in labels)
+    # the nodule's line: on its slice, across it, as long as its diameter
+    (line,) = [m for m in expected if m["tool"] == "Length"]
+    assert line["image"] == uid
+    viewer.select([i for i, r in enumerate(rows) if line["label"] in r][0])
+
+    def drawn() -> bool:
+        (image_id, ax, ay), (_, bx, by) = (viewer.to_page(*p) for p in line["points"])
+        if uid not in image_id:
+            return False
+        return any(
+            min(
+                abs(d["x1"] - ax) + abs(d["y1"] - ay) + abs(d["x2"] - bx) + abs(d["y2"] - by),
+                abs(d["x1"] - bx) + abs(d["y1"] - by) + abs(d["x2"] - ax) + abs(d["y2"] - ay),
+            )
+            < 8.0
+            for d in viewer.lines()
+        )
+
+    wait_for(drawn, 30, 0.5, what="the nodule's line")
+    centre = line["points"].mean(axis=0)
+    assert min(xs) < centre[0] < max(xs) and min(ys) < centre[1] < max(ys)
+    _shot(viewer, "one-nodule-sr-tracked")
     assert not viewer.errors()
 
     # the SEG: OHIF offers to open it and lists its segments
@@ -285,7 +395,6 @@ def _one_nodule(viewer: Viewer, study_uid: str, objects: dict[str, Dataset]) -> 
         wait_for(segments, 60, 0.5, what="SEG segments listed")
     finally:
         _shot(viewer, "one-nodule-seg")
-    _shot(viewer, "one-nodule-seg")
     assert not viewer.errors()
 
     # the key image: one frame, no cine player over its text band
@@ -306,6 +415,21 @@ def _two_nodules(viewer: Viewer, study_uid: str, sr: Dataset) -> None:
     viewer.open(study_uid, str(sr.SeriesInstanceUID))
     viewer.wait_drawn("Diameter", "Volume")
     _uid, _points, label = _first_region(sr)
-    assert label.startswith("Lung nodule 1 of ")
+    assert ":Lung nodule 1 of " in label
     _shot(viewer, "two-nodules-sr")
-    assert not viewer.errors()
+    expected, _rows = _tracked(viewer, sr, "two-nodules")
+    nodules = [m["label"] for m in expected if m["tool"] == "Length"]
+    assert len(nodules) == 2 and all(" of 2: diameter " in t for t in nodules)
+
+
+def _other(viewer: Viewer, study_uid: str, sr: Dataset, name: str, drawn: str) -> None:
+    """No nodule, endoscopy: the SR opens, draws, and its findings are listed."""
+    viewer.open(study_uid, str(sr.SeriesInstanceUID))
+    viewer.wait_drawn(drawn)
+    _shot(viewer, f"{name}-sr")
+    expected, _rows = _tracked(viewer, sr, name)
+    labels = [m["label"] for m in expected]
+    assert not [m for m in expected if m["tool"] == "Length"]
+    assert any("probability" in t for t in labels)
+    if name == "no-nodule":
+        assert any(t.startswith("Lung: volume ") for t in labels)

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from dicomnode.pacs_query import QueryPeer
     from dicomnode.protocols import Destination
 
+#: the demo models shipped in the wheel (worker/models/)
+DEMO_MODELS_DIR = Path(__file__).resolve().parent / "models"
+
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 # an API host allow-list entry: '*', '*.domain', a host name, an IPv4 or an IPv6 address
 _ALLOWED_HOST = re.compile(r"^(\*|(\*\.)?[A-Za-z0-9_.-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?)$")
@@ -132,6 +135,9 @@ class Settings(BaseSettings):
     priors: str = "local"
     # seconds a job waits for a prior retrieved from the PACS to be processed
     prior_wait_seconds: float = Field(default=600.0, gt=0, le=3600)
+    # saliency maps of classification findings (worker/pipeline/saliency.py): seconds of
+    # occlusion per study for destinations with profile "map"; 0 turns them off
+    saliency_budget_seconds: float = Field(default=20.0, ge=0, le=3600)
 
     @field_validator("ae_title")
     @classmethod
@@ -348,8 +354,6 @@ class Settings(BaseSettings):
     def models_path(self) -> Path:
         if self.models_dir is not None:
             return self.models_dir.expanduser().resolve()
-        from worker.pipeline.registry import DEMO_MODELS_DIR
-
         return DEMO_MODELS_DIR
 
     @property

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 #: Kinds of objects pacs-ai produces; a profile is a '+'-joined subset of them.
-KINDS: tuple[str, ...] = ("sr", "seg", "ki")
+KINDS: tuple[str, ...] = ("sr", "seg", "ki", "map")  # map: saliency maps (dicomnode/maps.py)
 DEFAULT_PROFILE = frozenset({"sr", "seg"})
 #: the longest destination name a delivery row holds (``deliveries.destination``)
 NAME_MAX = 128

@@ -21,8 +21,6 @@ without a JSON body or with a foreign ``Origin`` (cross-site requests).
 # No `from __future__ import annotations`: FastAPI reads the annotations of the
 # endpoints defined inside create_app (closures) at definition time.
 import datetime as dt
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
@@ -41,13 +39,17 @@ from sqlalchemy.orm import Session
 
 from db import queries
 from db.session import get_engine, session_scope
+from dicomnode import identity
 from worker import metrics
+from worker.admin.audit import AuditMiddleware, note_studies
+from worker.admin.tokens import Role, TokenCheck
 from worker.admin.webguard import WebGuard, allowed_hosts
+from worker.services import studies as service
+from worker.services.studies import DeliveryFilter, ResultFilter
 from worker.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
-Role = Literal["read", "admin"]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
@@ -59,38 +61,6 @@ _CSP = (
 
 
 # -- access control ---------------------------------------------------------------
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _stored_digest(entry: str) -> str:
-    return entry.removeprefix("sha256:") if entry.startswith("sha256:") else token_digest(entry)
-
-
-class TokenCheck:
-    """Maps a presented bearer token to its role (compares SHA-256 digests)."""
-
-    def __init__(self, admin: tuple[str, ...], read: tuple[str, ...]) -> None:
-        self._digests: list[tuple[str, Role]] = [(_stored_digest(t), "admin") for t in admin]
-        self._digests += [(_stored_digest(t), "read") for t in read]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._digests)
-
-    def role(self, presented: str | None) -> Role | None:
-        if not self.enabled:
-            return "admin"
-        if not presented:
-            return None
-        digest = token_digest(presented)
-        found: Role | None = None
-        for stored, role in self._digests:  # no early exit: same time for every token
-            if hmac.compare_digest(stored, digest) and found != "admin":
-                found = role
-        return found
 
 
 def is_loopback(host: str) -> bool:
@@ -126,12 +96,6 @@ def _page(items: list[dict[str, Any]], limit: int, offset: int) -> dict[str, Any
         "offset": offset,
         "next_offset": offset + limit if more else None,
     }
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 class _ModelCache:
@@ -249,6 +213,9 @@ def _static(name: str) -> str:
 
 def create_app(settings: Settings) -> FastAPI:
     tokens = TokenCheck(settings.api_admin_token_list, settings.api_read_token_list)
+    key_ring = identity.KeyRing(
+        settings.secret_key_path, settings.secret_key_is_default, settings.effective_database_url
+    )
     models_cache = _ModelCache(settings.models_path)
     url = settings.effective_database_url
     celery_lock = threading.Lock()
@@ -346,6 +313,8 @@ def create_app(settings: Settings) -> FastAPI:
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    app.add_middleware(AuditMiddleware, database_url=url, who=tokens.name)  # outermost
+
     # -- probes, metrics, schema --------------------------------------------------
 
     @app.get("/healthz", tags=["operations"], summary="the process is up (no token needed)")
@@ -414,9 +383,36 @@ def create_app(settings: Settings) -> FastAPI:
             return queries.count_by_status(session)
 
     @app.get("/api/studies", tags=["studies"], summary="received studies, newest first")
-    def studies(_: Read, limit: Limit = DEFAULT_LIMIT, offset: Offset = 0) -> dict[str, Any]:
-        with db() as session:
-            rows = queries.list_studies(session, limit=limit + 1, offset=offset)
+    def studies(
+        role: Read,
+        request: Request,
+        limit: Limit = DEFAULT_LIMIT,
+        offset: Offset = 0,
+        accession: Annotated[
+            str | None,
+            Query(max_length=64, description="admin: the studies with this accession number"),
+        ] = None,
+        identifiers: Annotated[
+            bool, Query(description="admin: each study's patient ID and accession number")
+        ] = False,
+    ) -> dict[str, Any]:
+        if (accession is not None or identifiers) and role != "admin":
+            raise HTTPException(403, "patient identifiers need an admin token")
+        try:
+            with db() as session:
+                rows = identity.list_studies(
+                    session,
+                    key_ring,
+                    accession=accession,
+                    reveal_identifiers=identifiers,
+                    limit=limit + 1,
+                    offset=offset,
+                )
+        except identity.KeyFileError as exc:
+            log.error("identifiers unavailable: %s", exc)
+            raise HTTPException(503, "the secret key is unavailable (see the log)") from None
+        if accession is not None:
+            note_studies(request, [r["study_instance_uid"] for r in rows])
         return _page(rows, limit, offset)
 
     @app.get(
@@ -425,9 +421,27 @@ def create_app(settings: Settings) -> FastAPI:
         summary="one study: its series, jobs, results and deliveries",
         responses={404: {"description": "no such study"}},
     )
-    def study(study_uid: str, _: Read) -> dict[str, Any]:
+    def study(
+        study_uid: str,
+        role: Read,
+        identifiers: Annotated[
+            bool, Query(description="admin: the study's patient ID and accession number")
+        ] = False,
+    ) -> dict[str, Any]:
+        if identifiers and role != "admin":
+            raise HTTPException(403, "patient identifiers need an admin token")
         with db() as session:
-            found = queries.list_studies(session, study_uid=study_uid, limit=1)
+            try:
+                found = identity.list_studies(
+                    session,
+                    key_ring,
+                    study_uid=study_uid,
+                    reveal_identifiers=identifiers,
+                    limit=1,
+                )
+            except identity.KeyFileError as exc:
+                log.error("identifiers unavailable: %s", exc)
+                raise HTTPException(503, "the secret key is unavailable (see the log)") from None
             if not found:
                 raise HTTPException(404, f"no study {study_uid}")
             out = found[0]
@@ -475,20 +489,8 @@ def create_app(settings: Settings) -> FastAPI:
         limit: Limit = DEFAULT_LIMIT,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        with db() as session:
-            rows = queries.list_results(
-                session,
-                study_uid=study,
-                model=model,
-                finding=finding,
-                present=present,
-                since=_utc(since),
-                until=_utc(until),
-                min_probability=min_probability,
-                limit=limit + 1,
-                offset=offset,
-            )
-        return _page(rows, limit, offset)
+        where = ResultFilter(study, model, finding, present, since, until, min_probability)
+        return _page(service.list_results(settings, where, limit + 1, offset), limit, offset)
 
     @app.get("/api/deliveries", tags=["deliveries"], summary="result deliveries, newest first")
     def deliveries(
@@ -500,11 +502,8 @@ def create_app(settings: Settings) -> FastAPI:
         limit: Limit = DEFAULT_LIMIT,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        with db() as session:
-            rows = queries.list_deliveries(
-                session, study_uid=study, status=status, limit=limit + 1, offset=offset
-            )
-        return _page(rows, limit, offset)
+        where = DeliveryFilter(study, status)
+        return _page(service.list_deliveries(settings, where, limit + 1, offset), limit, offset)
 
     @app.get(
         "/api/deliveries/backlog",
@@ -542,20 +541,14 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     def reprocess(study_uid: str, _: Admin) -> dict[str, Any]:
-        from db.repo import ReprocessRefused, create_reprocess_job
-        from worker.scheduling.scheduler import send_job
-
         try:
-            with db() as session:
-                job = create_reprocess_job(session, study_uid)
-                job_id = job.id
+            done = service.reprocess_study(settings, celery(), study_uid)
         except LookupError:
             raise HTTPException(404, f"no study {study_uid}") from None
-        except ReprocessRefused as exc:
+        except service.ReprocessRefused as exc:
             raise HTTPException(409, str(exc)) from None
-        # committed: now send its id (the reconciler re-sends it if this fails)
-        sent = send_job(celery(), settings, job_id)
-        log.info("study=%s reprocess requested: job %d queued", study_uid, job_id)
+        sent = done.sent
+        log.info("study=%s reprocess requested: job %d queued", study_uid, done.job_id)
         with db() as session:
             row = queries.list_jobs(session, study_uid=study_uid, limit=1)[0]
         return {"job": row, "sent": sent}
@@ -568,16 +561,39 @@ def create_app(settings: Settings) -> FastAPI:
         responses={404: {"description": "the study has no deliveries"}},
     )
     def resend(study_uid: str, _: Admin) -> dict[str, Any]:
-        from db.repo import reset_deliveries
-        from worker.delivery.dispatch import enqueue_deliveries
-
-        with db() as session:
-            ids = reset_deliveries(session, study_uid=study_uid)
+        ids, sent = service.resend(settings, celery(), study_uid=study_uid)
         if not ids:
             raise HTTPException(404, f"study {study_uid} has no deliveries")
-        sent = enqueue_deliveries(settings, ids, celery())  # after commit
         log.info("study=%s resend requested: %d deliveries pending again", study_uid, len(ids))
         return {"deliveries": ids, "sent": sent}
+
+    @app.post(
+        "/api/studies/{study_uid}/complete",
+        tags=["studies"],
+        status_code=202,
+        summary="the study is complete now: queue its job without waiting for the quiet "
+        "period (admin)",
+        responses={
+            404: {"description": "no such study"},
+            409: {"description": "every instance of the study is covered by a job already"},
+        },
+    )
+    def complete(study_uid: str, _: Admin) -> dict[str, Any]:
+        from worker.scheduling.completion import NothingToComplete, complete_now
+
+        try:
+            done = complete_now(settings, celery(), study_uid)
+        except LookupError:
+            raise HTTPException(404, f"no study {study_uid}") from None
+        except NothingToComplete as exc:
+            raise HTTPException(409, str(exc)) from None
+        with db() as session:
+            row = queries.list_jobs(session, study_uid=study_uid, limit=1)[0]
+        return {"job": row, "sent": done.sent}
+
+    from worker.admin.stow_rs import stow_router  # STOW-RS in: POST /dicomweb/studies
+
+    app.include_router(stow_router(settings, tokens))
 
     # -- dashboard ----------------------------------------------------------------
 

@@ -12,6 +12,12 @@
   without a CORS preflight (which this API never grants); an ``Origin`` header,
   when sent, must name this API's own host and port, and a browser's
   ``Sec-Fetch-Site`` must not say ``cross-site`` or ``same-site``. Refused: 403.
+- **DICOM uploads** (STOW-RS, ``POST /dicomweb/studies[/{study}]``): their body
+  is DICOM, not JSON, and streams to the endpoint unread. They are exempt from
+  the JSON rule only with an ``Authorization: Bearer`` header, which no
+  cross-site form or "simple" request can carry (a browser preflights it, and
+  CORS is never granted); the ``Origin`` and ``Sec-Fetch-Site`` checks still
+  apply, and the endpoint checks the token and the media type itself.
 
 A plain ASGI middleware (:class:`WebGuard`): it owns these header checks only
 and imports nothing from the database, the broker or the pipeline.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
@@ -41,6 +48,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: the largest body a write endpoint takes (they need at most a small JSON object)
 MAX_BODY_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: the STOW-RS endpoints (worker/admin/stow_rs.py): bodies of DICOM, not JSON
+BEARER_UPLOAD_PATH = re.compile(r"/dicomweb/studies(/[^/]+)?/?")
 
 
 def _normalize(name: str) -> str:
@@ -156,13 +165,27 @@ class _Refused(Exception):
         self.detail = detail
 
 
-def check_write(headers: dict[str, str], host: tuple[str, int | None]) -> None:
-    """The header checks of a state-changing request; raises :class:`_Refused`."""
+def is_bearer_upload(method: str, path: str, headers: dict[str, str]) -> bool:
+    """A STOW-RS upload with a bearer token: not CSRF-able, its body is not JSON."""
+    return (
+        method == "POST"
+        and BEARER_UPLOAD_PATH.fullmatch(path) is not None
+        and headers.get("authorization", "")[:7].lower() == "bearer "
+    )
+
+
+def check_write(
+    headers: dict[str, str], host: tuple[str, int | None], json_body: bool = True
+) -> None:
+    """The header checks of a state-changing request; raises :class:`_Refused`.
+    ``json_body=False`` (a bearer upload) skips the JSON media type only."""
     origin = headers.get("origin")
     if origin is not None and not same_origin(origin, host):
         raise _Refused(403, "cross-origin request refused: Origin does not match Host")
     if headers.get("sec-fetch-site", "").lower() in {"cross-site", "same-site"}:
         raise _Refused(403, "cross-site request refused (Sec-Fetch-Site)")
+    if not json_body:
+        return
     media = headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         raise _Refused(
@@ -205,14 +228,15 @@ class WebGuard:
         if scope.get("method", "GET").upper() in SAFE_METHODS:
             await self.app(scope, receive, send)
             return
+        upload = is_bearer_upload(scope.get("method", ""), scope.get("path", ""), headers)
         try:
-            check_write(headers, host)
-            body = await _read_body(receive)
+            check_write(headers, host, json_body=not upload)
+            body = b"" if upload else await _read_body(receive)
         except _Refused as refused:
             log.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), refused.detail)
             await _answer(send, refused.status, refused.detail)
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, receive if upload else _replay(body, receive), send)
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from worker.settings import Settings, SettingsError, load_settings
@@ -152,7 +153,19 @@ def _listener_config(settings: Settings, processes: int) -> Any:
         tls_key=settings.listener_tls_key,
         tls_ca=settings.listener_tls_ca,
         reuse_port=processes > 1,
+        identity_keys=_identity_keys(settings),
     )
+
+
+def _identity_keys(settings: Settings) -> Any:
+    """The listener's keys for the studies it records (PACS_AI_SECRET_KEY_FILE; unset:
+    the data dir's key, created when missing); a readable failure otherwise."""
+    from dicomnode.identity import KeyFileError
+
+    try:
+        return _key_ring(settings).get()
+    except KeyFileError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
@@ -162,6 +175,7 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     from dicomnode.scp import StorageSCP
     from worker import metrics
     from worker.scheduling.celery_app import create_app
+    from worker.scheduling.doorbell import Bell, RingingObserver, bell_address
     from worker.scheduling.scheduler import Scheduler
 
     processes = int(args.processes or settings.effective_listener_processes)
@@ -171,7 +185,9 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     _setup(settings, "listener")
     _check_schema(settings)
     _setup_metrics(settings, serve=not helper)
-    scp = StorageSCP(_listener_config(settings, processes), observer=metrics)
+    # every stored instance rings the scheduler (in the first listener process)
+    observer = RingingObserver(metrics, Bell(bell_address(settings.data_path)))
+    scp = StorageSCP(_listener_config(settings, processes), observer=observer)
     try:
         scp.start()
     except ssl.SSLError as exc:
@@ -332,6 +348,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     _setup(settings, "run")
     check_bind(settings)
     cmd_db_upgrade(settings, args)
+    _identity_keys(settings)  # the embedded mode's key, created in the data dir if missing
     metrics.clear(settings.metrics_path)  # a fresh start for this node's counters
     base = [sys.executable, "-m", "worker.cli.main"]
     specs = {
@@ -402,9 +419,27 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
     _check_schema(settings)  # one readable line, not a traceback, on a missing schema
     from db.queries import list_studies
     from db.session import session_scope
+    from dicomnode import identity
 
-    with session_scope(settings.effective_database_url) as session:
-        rows = list_studies(session, limit=args.limit)
+    ring = _key_ring(settings) if args.accession is not None or args.identifiers else None
+    try:
+        with session_scope(settings.effective_database_url) as session:
+            if ring is None:
+                rows = list_studies(session, limit=args.limit)
+            else:
+                rows = identity.list_studies(
+                    session,
+                    ring,
+                    accession=args.accession,
+                    reveal_identifiers=args.identifiers,
+                    limit=args.limit,
+                )
+    except identity.KeyFileError as exc:
+        raise CliError(str(exc)) from None
+    for row in rows if args.identifiers and not args.json else ():
+        found = row.get("identifiers") or {}
+        row["patient_id"] = found.get("patient_id")
+        row["accession_number"] = found.get("accession_number")
     _print_rows(
         rows,
         args.json,
@@ -416,7 +451,33 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
             "status",
             "received_at",
             "pruned_at",
+            *(["patient_id", "accession_number"] if args.identifiers else []),
         ],
+    )
+    if args.accession is not None and not rows:
+        raise CliError("no study has this accession number")
+    return 0
+
+
+def _key_ring(settings: Settings) -> Any:
+    """The secret key of patient linkage and identifiers (dicomnode/identity.py)."""
+    from dicomnode.identity import KeyRing
+
+    return KeyRing(
+        settings.secret_key_path, settings.secret_key_is_default, settings.effective_database_url
+    )
+
+
+def cmd_audit_list(settings: Settings, args: argparse.Namespace) -> int:
+    """The audit log, newest first (worker/admin/audit.py)."""
+    _check_schema(settings)
+    from db.queries import list_audit
+    from db.session import session_scope
+
+    with session_scope(settings.effective_database_url) as session:
+        rows = list_audit(session, limit=args.limit, study_uid=args.study)
+    _print_rows(
+        rows, args.json, ["at", "interface", "actor", "source", "action", "studies", "outcome"]
     )
     return 0
 
@@ -532,21 +593,18 @@ def _print_results_csv(rows: list[dict[str, Any]]) -> None:
 
 def cmd_results_list(settings: Settings, args: argparse.Namespace) -> int:
     _check_schema(settings)  # one readable line, not a traceback, on a missing schema
-    from db.queries import list_results
-    from db.session import session_scope
+    from worker.services.studies import ResultFilter, list_results
 
-    with session_scope(settings.effective_database_url) as session:
-        rows = list_results(
-            session,
-            study_uid=args.study,
-            model=args.model,
-            finding=args.finding,
-            present=args.present,
-            since=args.since,
-            until=args.until,
-            min_probability=args.min_probability,
-            limit=args.limit,
-        )
+    where = ResultFilter(
+        args.study,
+        args.model,
+        args.finding,
+        args.present,
+        args.since,
+        args.until,
+        args.min_probability,
+    )
+    rows = list_results(settings, where, args.limit)
     if args.csv:
         _print_results_csv(rows)
         return 0
@@ -619,10 +677,9 @@ def cmd_reprocess(settings: Settings, args: argparse.Namespace) -> int:
     --no-wait, follow them until they finish."""
     _check_schema(settings)
     from db.queries import list_jobs, studies_with_results
-    from db.repo import ReprocessRefused, create_reprocess_job
     from db.session import session_scope
     from worker.scheduling.celery_app import create_app
-    from worker.scheduling.scheduler import send_job
+    from worker.services.studies import ReprocessRefused, reprocess_study
 
     _setup(settings, "cli")
     url = settings.effective_database_url
@@ -638,18 +695,16 @@ def cmd_reprocess(settings: Settings, args: argparse.Namespace) -> int:
     queued: dict[int, str] = {}
     for uid in uids:
         try:
-            with session_scope(url) as session:
-                job_id = create_reprocess_job(session, uid).id
+            done = reprocess_study(settings, app, uid)
         except LookupError:
             print(f"skipped study {uid}: not found", file=sys.stderr)
             continue
         except ReprocessRefused as exc:
             print(f"skipped {exc}", file=sys.stderr)
             continue
-        sent = send_job(app, settings, job_id)  # after commit
-        queued[job_id] = uid
-        note = "" if sent else " (broker unreachable: the reconciler will send it)"
-        print(f"queued job {job_id} for study {uid}{note}")
+        queued[done.job_id] = uid
+        note = "" if done.sent else " (broker unreachable: the reconciler will send it)"
+        print(f"queued job {done.job_id} for study {uid}{note}")
     if not queued:
         return EXIT_FAILURE
     if args.no_wait:
@@ -677,17 +732,9 @@ def cmd_reprocess(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_deliveries_list(settings: Settings, args: argparse.Namespace) -> int:
     _check_schema(settings)  # one readable line, not a traceback, on a missing schema
-    from db.queries import list_deliveries
-    from db.session import session_scope
+    from worker.services.studies import DeliveryFilter, list_deliveries
 
-    with session_scope(settings.effective_database_url) as session:
-        rows = list_deliveries(
-            session,
-            study_uid=args.study,
-            status=args.status,
-            job_id=args.job,
-            limit=args.limit,
-        )
+    rows = list_deliveries(settings, DeliveryFilter(args.study, args.status, args.job), args.limit)
     _print_rows(
         rows,
         args.json,
@@ -731,18 +778,33 @@ def cmd_deliveries_backlog(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     """Make the deliveries of a study (or job) pending again and queue them."""
     _check_schema(settings)
-    from db.repo import reset_deliveries
-    from db.session import session_scope
-    from worker.delivery.dispatch import enqueue_deliveries
     from worker.scheduling.celery_app import create_app
+    from worker.services.studies import resend
 
-    with session_scope(settings.effective_database_url) as session:
-        ids = reset_deliveries(session, study_uid=args.study, job_id=args.job)
+    ids, sent = resend(settings, create_app(settings), study_uid=args.study, job_id=args.job)
     if not ids:
         raise CliError("no deliveries for this study or job")
-    sent = enqueue_deliveries(settings, ids, create_app(settings))
     note = "" if sent == len(ids) else " (the broker is unreachable; the listener will queue them)"
     print(f"{len(ids)} deliveries pending again{note}")
+    return 0
+
+
+def cmd_complete(settings: Settings, args: argparse.Namespace) -> int:
+    """Complete a study now: queue its job without waiting for the quiet period
+    or the PACS's counts (the same as ``POST /api/studies/{uid}/complete``)."""
+    _check_schema(settings)
+    from worker.scheduling.celery_app import create_app
+    from worker.scheduling.completion import NothingToComplete, complete_now
+
+    _setup(settings, "cli")
+    try:
+        done = complete_now(settings, create_app(settings), args.study)
+    except LookupError:
+        raise CliError(f"no study {args.study}") from None
+    except NothingToComplete as exc:
+        raise CliError(str(exc)) from None
+    note = "" if done.sent else " (broker unreachable: the reconciler will send it)"
+    print(f"queued job {done.job_id} for study {args.study}{note}")
     return 0
 
 
@@ -780,6 +842,28 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
         f"{verb} {len(pruned)} studies: {files} files, {size / 1024**2:.1f} MiB "
         f"(PACS_AI_RETENTION_HOURS={settings.retention_hours:g})"
     )
+    return 0
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """Write a study's images and pacs-ai's objects de-identified (PS3.15 Annex E
+    Basic Application Level Confidentiality Profile) with a manifest."""
+    _check_schema(settings)
+    from dicomnode.deid import DeidError, Options
+    from worker.results.export import ExportError, export_study
+
+    options = Options(retain_dates=args.retain_dates, clean_descriptors=args.clean_descriptors)
+    try:
+        report = export_study(settings, args.study, Path(args.deidentify), options)
+    except (ExportError, DeidError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        json.dump(report.manifest(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(report.manifest()["counts"].items()))
+    left = sum(report.skipped.values())
+    print(f"exported {len(report.files)} files ({counts}) to {args.deidentify}, {left} left out")
     return 0
 
 
@@ -842,6 +926,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("list", cmd_studies_list, "list received studies, newest first", studies)
     s.add_argument("--json", action="store_true", help="print a JSON array")
     s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--accession", metavar="A", help="only the studies with this accession number")
+    s.add_argument(
+        "--identifiers",
+        action="store_true",
+        help="show each study's patient ID and accession number (kept encrypted)",
+    )
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="COMMAND"
+    )
+    au = add("list", cmd_audit_list, "who read or changed what, newest first", audit)
+    au.add_argument("--json", action="store_true", help="print a JSON array")
+    au.add_argument("--study", help="only records about this Study Instance UID")
+    au.add_argument("--limit", type=int, default=50, help="records to show (default 50)")
 
     jobs = sub.add_parser("jobs", help="processing jobs").add_subparsers(
         dest="jobs_command", required=True, metavar="COMMAND"
@@ -912,6 +1009,12 @@ def build_parser() -> argparse.ArgumentParser:
     target = rs.add_mutually_exclusive_group(required=True)
     target.add_argument("--study", help="Study Instance UID")
     target.add_argument("--job", type=int, help="job id")
+    cp = add(
+        "complete",
+        cmd_complete,
+        "complete a study now: queue its job without waiting for the quiet period",
+    )
+    cp.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
     pr = add(
         "prune",
         cmd_prune,
@@ -919,14 +1022,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     pr.add_argument("--json", action="store_true", help="print a JSON object")
+    ex = add("export", cmd_export, "write a study de-identified (PS3.15 Annex E basic profile)")
+    ex.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
+    ex.add_argument("--deidentify", required=True, metavar="DIR", help="new or empty folder")
+    ex.add_argument(
+        "--retain-dates",
+        action="store_true",
+        help="Retain Longitudinal Temporal Information (full dates) option",
+    )
+    ex.add_argument("--clean-descriptors", action="store_true", help="Clean Descriptors option")
+    ex.add_argument("--json", action="store_true", help="print the manifest")
     return parser
+
+
+def foreign_packages() -> list[str]:
+    """Our top-level import names (``worker``, ``dicomnode``, ``db``) that resolve
+    to another distribution's files: installed into a shared environment, a
+    package of the same name would shadow ours or be shadowed by it."""
+    import importlib
+
+    home = Path(__file__).resolve().parents[2]
+    out = []
+    for name in ("dicomnode", "db"):
+        module = importlib.import_module(name)
+        where = Path(getattr(module, "__file__", "") or "").resolve()
+        if where.parent.parent != home:
+            out.append(f"{name} ({where.parent})")
+    return out
+
+
+#: long-running services; the API requests they serve are audited (worker/admin/audit.py)
+SERVICE_COMMANDS = frozenset({"run", "listen", "worker", "api"})
+
+
+def _exit_status(exc: BaseException) -> int:
+    """The exit status :func:`main` gives a command that raised ``exc`` (audit log)."""
+    if isinstance(exc, SettingsError):
+        return EXIT_CONFIG
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+    return EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    foreign = foreign_packages()
+    if foreign:
+        print(
+            f"pacs-ai: {', '.join(foreign)} is not pacs-ai's own package; install pacs-ai "
+            "into its own virtualenv (scripts/setup.sh does)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     try:
         settings = load_settings()
-        return int(args.func(settings, args))
+        if args.command in SERVICE_COMMANDS:  # they run for days: not audited as commands
+            return int(args.func(settings, args))
+        from worker.cli.audit import run_audited
+
+        return run_audited(settings, args, argv, _exit_status)  # the command, then its record
     except SettingsError as exc:
         print(f"pacs-ai: {exc}", file=sys.stderr)
         return EXIT_CONFIG

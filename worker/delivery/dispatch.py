@@ -31,6 +31,7 @@ from typing import Any
 from celery import Celery
 
 from db.models import DeliveryStatus, utcnow
+from db.queries import delivery_destinations, first_results_of_studies
 from db.repo import claim_delivery, due_deliveries, finish_delivery, mark_deliveries_enqueued
 from db.session import session_scope
 from dicomnode.protocols import Destination, SendContext, SendResult
@@ -91,13 +92,7 @@ def enqueue_deliveries(settings: Settings, ids: list[int], app: Celery | None = 
     if not ids:
         return 0
     with session_scope(settings.effective_database_url) as session:
-        from sqlalchemy import select
-
-        from db.models import Delivery
-
-        rows = session.execute(
-            select(Delivery.id, Delivery.destination).where(Delivery.id.in_(ids))
-        ).all()
+        rows = delivery_destinations(session, ids)
     by_dest: dict[str, list[int]] = defaultdict(list)
     for delivery_id, destination in rows:
         by_dest[str(destination)].append(int(delivery_id))
@@ -205,23 +200,9 @@ def _record_delivered_latency(session: Any, delivery_ids: list[int]) -> None:
     """End to end, last received instance -> results at this destination: once per
     job and destination batch, for the study's first job after its last instance
     (not for a reprocessed study)."""
-    from sqlalchemy import func, select
-
-    from db.models import Delivery, Job, Study
-
     now = utcnow()
-    rows = session.execute(
-        select(Delivery.study_id, Delivery.job_id, Study.last_instance_at)
-        .join(Study, Study.id == Delivery.study_id)
-        .where(Delivery.id.in_(delivery_ids), Delivery.job_id.is_not(None))
-        .distinct()
-    ).all()
-    for study_id, job_id, last_at in rows:
-        first = session.scalar(
-            select(func.min(Job.id)).where(Job.study_id == study_id, Job.created_at >= last_at)
-        )
-        if first == job_id:
-            metrics.record_study_latency("delivered", (now - last_at).total_seconds())
+    for last_at in first_results_of_studies(session, delivery_ids):
+        metrics.record_study_latency("delivered", (now - last_at).total_seconds())
 
 
 def send_context(settings: Settings) -> SendContext:

@@ -16,11 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from worker.pipeline.kinds import REGISTRY
+from worker.pipeline.kinds.table import REGISTRY
+from worker.settings import DEMO_MODELS_DIR as DEMO_MODELS_DIR
 
 log = logging.getLogger(__name__)
-
-DEMO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 class ManifestError(ValueError):
@@ -103,7 +102,7 @@ class Manifest(BaseModel):
     version: str = Field(min_length=1, max_length=32)
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    #: the task kind: a key of :data:`worker.pipeline.kinds.REGISTRY`
+    #: the task kind: a key of :data:`worker.pipeline.kinds.table.REGISTRY`
     task: str
     model_card: str = ""
     inputs: list[InputSpec] = Field(min_length=1)

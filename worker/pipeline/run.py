@@ -30,6 +30,7 @@ from worker.pipeline.inference import (
 from worker.pipeline.kinds import handler_for
 from worker.pipeline.kinds.base import ModelResult, ModelRun, ResultRecord, RunInputs
 from worker.pipeline.registry import RegisteredModel, discover
+from worker.pipeline.saliency import Predictor, onnx_predictor
 from worker.pipeline.selection import SeriesCandidate, select_series
 from worker.pipeline.volume import (
     Volume,
@@ -38,6 +39,7 @@ from worker.pipeline.volume import (
     load_series,
     patient_features,
 )
+from worker.results.priors import attach_priors
 from worker.results.report import build_result_objects
 from worker.scheduling.jobs import InstanceRef, JobError, StudyContext, ensure_current
 from worker.settings import Settings
@@ -150,6 +152,7 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
     features: dict[str, dict[str, float | None]] = {}
     outcomes: list[ModelOutcome] = []
     reportable: list[ModelResult] = []  # for the SR/SEG (worker/results/report.py)
+    predictors: dict[str, Predictor] = {}  # the models run again for saliency maps
     decode_s = 0.0
     for model in models:
         assert model.manifest is not None
@@ -189,6 +192,8 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
             row["timings"] = {k: round(v, 3) for k, v in timings.items()}
         outcomes.append(ModelOutcome(model.name, uid, rows, timings))
         reportable.append(ModelResult(model.manifest, uid, volume, rows, run.labels))
+        session, extra = sessions(settings).get(model), header_vector(model.manifest, features[uid])
+        predictors[model.name] = onnx_predictor(session, model.manifest, extra)
         metrics.record_model_timings(model.name, timings)
     if volumes:
         metrics.record_decode(decode_s)
@@ -198,6 +203,13 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
         for outcome in outcomes:
             if outcome.error is None and outcome.skipped is None:
                 replace_results(session, study_id, ctx.job_id, outcome.model, outcome.rows)
+    # nodules compared with the patient's prior study (worker/results/priors.py)
+    attach_priors(
+        settings,
+        study_id,
+        [r for o in outcomes if o.error is None for r in o.rows],
+        processor=process_study,
+    )
     summary: dict[str, Any] = {
         "series": len(by_series),
         "instances": len(ctx.instances),
@@ -219,7 +231,7 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
     errors = [o.error for o in outcomes if o.error]
     if errors:
         raise JobError("; ".join(errors), summary)
-    summary["result_objects"] = build_result_objects(ctx, reportable, settings)
+    summary["result_objects"] = build_result_objects(ctx, reportable, settings, predictors)
     return summary
 
 

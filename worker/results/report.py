@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -36,9 +36,13 @@ from dicomnode.results import (
 from dicomnode.uids import uid_digest, validate_uid
 from worker.pipeline.kinds import handler_for
 from worker.pipeline.kinds.base import ModelResult
-from worker.results.drawing import DrawnFinding, _model_spec, _spec
+from worker.pipeline.kinds.drawing import DrawnFinding, _model_spec, _spec
+from worker.results.prior_sr import add_priors_to_sr
 from worker.scheduling.jobs import JobError, StudyContext, ensure_current
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.pipeline.saliency import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,7 @@ def build_objects(
     reportable = [f for f in findings if f.model.name not in labelled or f.model.name in segs]
     if reportable:
         sr = build_sr(reportable, list(sources.values()), segs, root)
+        add_priors_to_sr(sr, results)  # the prior comparison (worker/results/prior_sr.py)
         built.insert(0, BuiltObject("sr", sr))
     if key_image and ki_candidate is not None:
         result, per_slice, candidates = ki_candidate
@@ -201,19 +206,30 @@ def write_object(outbox: Path, rel_path: str, ds: Dataset) -> None:
 
 
 def build_result_objects(
-    ctx: StudyContext, results: Sequence[ModelResult], settings: Settings
+    ctx: StudyContext,
+    results: Sequence[ModelResult],
+    settings: Settings,
+    predictors: Mapping[str, Predictor] | None = None,
 ) -> dict[str, Any]:
     """Build, store and queue for delivery the job's result objects.
 
     Returns a summary for the job (objects and the delivery ids queued). With no
-    destination configured nothing is built.
+    destination configured nothing is built. ``predictors`` (by model name) run
+    the classifiers again for their saliency maps (kind ``map``).
     """
     destinations = settings.destination_list
     if not destinations or not results:
         return {"objects": [], "deliveries_queued": 0}
     want_ki = any(d.wants("ki") for d in destinations)
+    want_map = any(d.wants("map") for d in destinations) and settings.saliency_budget_seconds > 0
+    saliency_summary: dict[str, Any] | None = None
     try:
         objects = build_objects(ctx, results, settings, key_image=want_ki)
+        if want_map and predictors:  # saliency maps, referenced from the SR
+            from worker.results.explain import saliency_objects, with_maps
+
+            maps, saliency_summary = saliency_objects(ctx, results, settings, predictors)
+            objects = with_maps(objects, maps)
     except ResultBuildError as exc:
         raise JobError(f"result objects could not be built: {exc}") from None
     ctx.check_current()  # superseded while building: write nothing
@@ -263,4 +279,5 @@ def build_result_objects(
             for o in objects
         ],
         "deliveries_queued": len(queued),
+        **({"saliency": saliency_summary} if saliency_summary is not None else {}),
     }

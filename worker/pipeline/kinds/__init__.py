@@ -1,10 +1,8 @@
-"""Task kinds: one handler module per kind, registered here and nowhere else.
+"""Task kinds: one handler module per kind, registered in
+:mod:`worker.pipeline.kinds.table` and nowhere else.
 
-A manifest's ``task`` names its kind. A new kind is one new module in this
-package (a ``HANDLER`` with ``task``, ``run`` and ``findings``, see
-:class:`~worker.pipeline.kinds.base.KindHandler`) and one line in
-:data:`REGISTRY`. Handlers are imported on first use, so that naming the kinds
-(manifest validation) loads neither onnxruntime nor the pipeline.
+A manifest's ``task`` names its kind; :func:`handler_for` imports the kind's
+module on first use.
 """
 
 from __future__ import annotations
@@ -12,14 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from worker.pipeline.kinds.table import REGISTRY
+
 if TYPE_CHECKING:
     from worker.pipeline.kinds.base import KindHandler
 
-#: task name -> the module holding its HANDLER (the registration lines)
-REGISTRY: dict[str, str] = {
-    "classification": "worker.pipeline.kinds.classification",
-    "segmentation": "worker.pipeline.kinds.segmentation",
-}
+__all__ = ["REGISTRY", "handler_for"]
 
 
 def handler_for(task: str) -> KindHandler:

@@ -25,7 +25,6 @@ from worker.pipeline.volume import Volume
 
 if TYPE_CHECKING:
     from dicomnode.results import Finding
-    from worker.results.drawing import DrawnFinding
     from worker.settings import Settings
 
 
@@ -93,6 +92,16 @@ class RunInputs:
         (out,) = run_batches(self.session, self.manifest, iter([arr]), self.extra, self.deadline)
         self.timings["inference_s"] += time.monotonic() - t
         return out
+
+
+@dataclass(frozen=True)
+class DrawnFinding:
+    """A finding and where it is drawn: its slice in the model's volume and its
+    mask there (the key image outlines it)."""
+
+    finding: Finding
+    slice_index: int
+    mask: np.ndarray
 
 
 class KindHandler(Protocol):

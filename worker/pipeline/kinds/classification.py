@@ -26,7 +26,7 @@ from worker.pipeline.kinds.base import (
 
 if TYPE_CHECKING:
     from dicomnode.results import Finding
-    from worker.results.drawing import DrawnFinding
+    from worker.pipeline.kinds.base import DrawnFinding
 
 
 class ClassificationHandler:
@@ -75,7 +75,7 @@ class ClassificationHandler:
         return ModelRun(out_rows, timings, None)
 
     def findings(self, result: ModelResult) -> list[Finding | DrawnFinding]:
-        from worker.results.drawing import base_findings
+        from worker.pipeline.kinds.drawing import base_findings
 
         return list(base_findings(result))
 

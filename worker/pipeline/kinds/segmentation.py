@@ -22,7 +22,8 @@ from worker.pipeline.kinds.base import pixel_batches as pixel_batches
 from worker.pipeline.volume import Volume
 
 if TYPE_CHECKING:  # the reporting side's types (imported there on use)
-    from worker.results.drawing import DrawnFinding, Finding
+    from dicomnode.results import Finding
+    from worker.pipeline.kinds.base import DrawnFinding
 
 
 class SegmentationHandler:
@@ -130,7 +131,7 @@ class SegmentationHandler:
         return ModelRun(out_rows, timings, labels)
 
     def findings(self, result: ModelResult) -> list[Finding | DrawnFinding]:
-        from worker.results.drawing import drawn_segments
+        from worker.pipeline.kinds.drawing import drawn_segments
 
         return drawn_segments(result)
 

@@ -9,7 +9,7 @@ Pure functions of the records and the label volume: no database, no files.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from dicomnode.results import (
     largest_slice,
     outline,
 )
-from worker.pipeline.kinds.base import ModelResult
+from worker.pipeline.kinds.base import DrawnFinding, ModelResult
 from worker.pipeline.registry import Code, Manifest
 from worker.pipeline.volume import Volume
 
@@ -35,16 +35,6 @@ def _spec(code: Code | None) -> CodeSpec | None:
 
 def _model_spec(manifest: Manifest) -> ModelSpec:
     return ModelSpec(manifest.name, manifest.version, manifest.sha256)
-
-
-@dataclass(frozen=True)
-class DrawnFinding:
-    """A finding and where it is drawn: its slice in the model's volume and its
-    mask there (the key image outlines it)."""
-
-    finding: Finding
-    slice_index: int
-    mask: np.ndarray
 
 
 def _frame_of(volume: Volume, k: int) -> int | None:
