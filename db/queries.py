@@ -6,7 +6,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, select
+from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, aliased
 
 from db.models import (
@@ -594,3 +595,137 @@ def first_results_of_studies(session: Session, delivery_ids: list[int]) -> list[
         if first == job_id and last_at is not None:
             out.append(last_at)
     return out
+
+
+# -- scheduling and jobs -----------------------------------------------------------
+
+
+def studies_awaiting_job(
+    session: Session, received_before: dt.datetime | None = None
+) -> list[tuple[int, str, dt.datetime]]:
+    """(id, UID, last instance time) of the studies with instances no job covers
+    yet (only those whose last instance came at or before ``received_before``)."""
+    stmt = select(Study.id, Study.study_instance_uid, Study.last_instance_at).where(
+        Study.needs_job.is_(True)
+    )
+    if received_before is not None:
+        stmt = stmt.where(Study.last_instance_at <= received_before)
+    return [(int(i), str(uid), last) for i, uid, last in session.execute(stmt)]
+
+
+def lost_queued_jobs(
+    session: Session, unsent_before: dt.datetime, sent_before: dt.datetime
+) -> list[int]:
+    """Ids of queued jobs whose message may be lost: never sent and created before
+    ``unsent_before``, or sent before ``sent_before``."""
+    return list(
+        session.scalars(
+            select(Job.id).where(
+                Job.status == JobStatus.QUEUED.value,
+                or_(
+                    and_(Job.enqueued_at.is_(None), Job.created_at < unsent_before),
+                    Job.enqueued_at < sent_before,
+                ),
+            )
+        )
+    )
+
+
+def expired_running_jobs(session: Session, now: dt.datetime) -> list[int]:
+    """Ids of running jobs whose lease ended before ``now``."""
+    return list(
+        session.scalars(
+            select(Job.id).where(Job.status == JobStatus.RUNNING.value, Job.lease_until < now)
+        )
+    )
+
+
+def job_enqueued(session: Session, job_id: int) -> bool:
+    """Whether the job's id was sent to the broker (``enqueued_at`` is set)."""
+    return session.scalar(select(Job.enqueued_at).where(Job.id == job_id)) is not None
+
+
+def study_uid_of(session: Session, study_id: int) -> str | None:
+    """The Study Instance UID of a study id (None when unknown)."""
+    return session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+
+
+def study_last_instance(session: Session, study_id: int) -> tuple[str, dt.datetime]:
+    """(UID, last instance time) of a study; NoResultFound when unknown."""
+    uid, last_at = session.execute(
+        select(Study.study_instance_uid, Study.last_instance_at).where(Study.id == study_id)
+    ).one()
+    return str(uid), last_at
+
+
+def study_last_instance_at(session: Session, study_id: int) -> dt.datetime | None:
+    """When the study's last instance was received (None when the study is unknown)."""
+    return session.scalar(select(Study.last_instance_at).where(Study.id == study_id))
+
+
+def earlier_job_since(
+    session: Session, study_id: int, job_id: int, since: dt.datetime
+) -> int | None:
+    """The id of a job of the study older than ``job_id`` created at or after
+    ``since`` (None when there is none)."""
+    return session.scalar(
+        select(Job.id)
+        .where(Job.study_id == study_id, Job.id < job_id, Job.created_at >= since)
+        .limit(1)
+    )
+
+
+def job_input_instances(
+    session: Session, study_id: int, max_instance_id: int | None = None
+) -> list[tuple[str, str, str, str | None, str]]:
+    """(SOP Instance UID, Series Instance UID, SOP Class UID, modality, rel_path)
+    of the study's received instances (not those pacs-ai produced), up to
+    ``max_instance_id`` when given, in the order received."""
+    stmt = (
+        select(
+            Instance.sop_instance_uid,
+            Series.series_instance_uid,
+            Instance.sop_class_uid,
+            Series.modality,
+            Instance.rel_path,
+        )
+        .join(Series, Series.id == Instance.series_id)
+        .where(Instance.study_id == study_id, Instance.produced_by_us.is_(False))
+        .order_by(Instance.id)
+    )
+    if max_instance_id is not None:
+        stmt = stmt.where(Instance.id <= max_instance_id)
+    return [
+        (str(sop), str(series), str(cls), modality, str(path))
+        for sop, series, cls, modality, path in session.execute(stmt)
+    ]
+
+
+def series_instance_counts(session: Session, study_id: int) -> list[tuple[str, bool, int]]:
+    """(Series Instance UID, produced by pacs-ai, instances stored) of each series
+    of the study that has instances."""
+    rows = session.execute(
+        select(Series.series_instance_uid, Series.produced_by_us, func.count(Instance.id))
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id)
+        .group_by(Series.id, Series.series_instance_uid, Series.produced_by_us)
+    ).all()
+    return [(str(uid), bool(produced), int(n)) for uid, produced, n in rows]
+
+
+def delivered_series(session: Session, study_id: int) -> list[str]:
+    """Series Instance UIDs of the result objects pacs-ai built for the study."""
+    return [
+        str(uid)
+        for uid in session.scalars(
+            select(Delivery.series_instance_uid).where(Delivery.study_id == study_id).distinct()
+        )
+    ]
+
+
+# -- health ------------------------------------------------------------------------
+
+
+def ping(connection: Connection) -> None:
+    """Run ``SELECT 1``: raises when the database does not answer."""
+    connection.execute(text("SELECT 1"))

@@ -34,7 +34,6 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db import queries
@@ -130,7 +129,7 @@ def check_database(settings: Settings) -> str | None:
     """None when the database answers, else a short reason."""
     try:
         with get_engine(settings.effective_database_url).connect() as conn:
-            conn.execute(text("SELECT 1"))
+            queries.ping(conn)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return f"unreachable ({type(exc).__name__})"
     return None

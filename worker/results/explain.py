@@ -6,7 +6,8 @@ classification finding within ``PACS_AI_SALIENCY_BUDGET_SECONDS``
 (:mod:`worker.pipeline.saliency`), builds one Secondary Capture per map
 (:func:`dicomnode.maps.build_saliency_sc`) and lists them in the job's SR
 (:func:`dicomnode.maps.reference_maps`). Nothing is written here; the report
-writes and queues the objects like the SR, SEG and key image.
+writes and queues the objects like the SR, SEG and key image. A map that cannot
+be made is logged and left out: it never costs the job its SR and SEG.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 from pydicom import dcmread
 
 from dicomnode.maps import MAP_SERIES_NUMBER, MapCaption, build_saliency_sc, reference_maps
-from dicomnode.results import BuiltObject, ModelSpec
+from dicomnode.results import BuiltObject, ModelSpec, ResultBuildError
 from worker.pipeline import saliency
+from worker.pipeline.inference import ModelRunError
 from worker.pipeline.kinds.base import ModelResult
+from worker.pipeline.recipe import RecipeError
 from worker.scheduling.jobs import JobError, StudyContext
 from worker.settings import Settings
 
@@ -41,16 +44,21 @@ def saliency_objects(
     """The map objects of the job's classification findings and a summary."""
     targets: list[saliency.Target] = []
     owner: dict[str, tuple[int, ModelResult, Mapping[str, Any]]] = {}
-    for index, result in enumerate(results):
-        name = result.manifest.name
-        if name not in predictors:
-            continue
-        found = saliency.targets_for(name, result.manifest, result.volume, result.rows)
-        rows = {f"{name}:{r.get('label_value')}": r for r in result.rows}
-        for target in found:
-            targets.append(target)
-            owner[target.key] = (index, result, rows[target.key])
-    maps = saliency.occlusion_maps(targets, predictors, settings.saliency_budget_seconds)
+    try:
+        for index, result in enumerate(results):
+            name = result.manifest.name
+            if name not in predictors:
+                continue
+            found = saliency.targets_for(name, result.manifest, result.volume, result.rows)
+            rows = {f"{name}:{r.get('label_value')}": r for r in result.rows}
+            for target in found:
+                targets.append(target)
+                owner[target.key] = (index, result, rows[target.key])
+        maps = saliency.occlusion_maps(targets, predictors, settings.saliency_budget_seconds)
+    except (ModelRunError, saliency.SaliencyError, RecipeError) as exc:
+        # a map explains a result; it never costs the job its SR and SEG
+        log.warning("job %d: no saliency maps (%s)", ctx.job_id, exc)
+        return [], {"targets": len(targets), "maps": 0, "error": str(exc)}
     summary = saliency.budget_note(maps, targets)
     if len(maps) < len(targets):
         log.warning(
@@ -81,18 +89,23 @@ def saliency_objects(
             method=_method(m, side),
         )
         number = per_series[manifest.name] = per_series.get(manifest.name, 0) + 1
-        ds = build_saliency_sc(
-            header,
-            volume.pixels[m.slice_index],
-            m.heat,
-            caption,
-            m.key,
-            settings.uid_root,
-            row_dir=volume.row_dir if volume.positions_known else None,
-            col_dir=volume.col_dir if volume.positions_known else None,
-            series_number=MAP_SERIES_NUMBER + index,
-            instance_number=number,
-        )
+        try:
+            ds = build_saliency_sc(
+                header,
+                volume.pixels[m.slice_index],
+                m.heat,
+                caption,
+                m.key,
+                settings.uid_root,
+                row_dir=volume.row_dir if volume.positions_known else None,
+                col_dir=volume.col_dir if volume.positions_known else None,
+                series_number=MAP_SERIES_NUMBER + index,
+                instance_number=number,
+            )
+        except ResultBuildError as exc:
+            log.warning("job %d: saliency map of %s not built (%s)", ctx.job_id, m.key, exc)
+            summary["maps"] -= 1
+            continue
         built.append(BuiltObject("map", ds))
     return built, summary
 

@@ -37,9 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from celery import Celery
-from sqlalchemy import func, select
 
-from db.models import Delivery, Instance, Job, Series, Study
+from db import queries
 from db.repo import create_job_if_stable, mark_enqueued, supersede_older_jobs
 from db.session import session_scope
 from dicomnode.pacs_query import PacsCounts, query_counts
@@ -109,20 +108,13 @@ class Received:
 def received_counts(settings: Settings, study_id: int) -> Received | None:
     """The study's received instances per series and the series pacs-ai made."""
     with session_scope(settings.effective_database_url) as session:
-        last_at = session.scalar(select(Study.last_instance_at).where(Study.id == study_id))
+        last_at = queries.study_last_instance_at(session, study_id)
         if last_at is None:
             return None
-        rows = session.execute(
-            select(Series.series_instance_uid, Series.produced_by_us, func.count(Instance.id))
-            .join(Instance, Instance.series_id == Series.id)
-            .where(Series.study_id == study_id)
-            .group_by(Series.id, Series.series_instance_uid, Series.produced_by_us)
-        ).all()
-        sent = session.scalars(
-            select(Delivery.series_instance_uid).where(Delivery.study_id == study_id).distinct()
-        ).all()
-    own = {str(uid) for uid, produced, _ in rows if produced} | {str(uid) for uid in sent}
-    return Received(last_at, {str(uid): int(n) for uid, _, n in rows}, frozenset(own))
+        rows = queries.series_instance_counts(session, study_id)
+        sent = queries.delivered_series(session, study_id)
+    own = {uid for uid, produced, _ in rows if produced} | set(sent)
+    return Received(last_at, {uid: n for uid, _, n in rows}, frozenset(own))
 
 
 # -- completing a study -----------------------------------------------------------
@@ -186,26 +178,13 @@ def complete_now(settings: Settings, app: Celery, study_uid: str) -> Completion:
     url = settings.effective_database_url
     for _ in range(20):  # instances arriving meanwhile: decide again on the new ones
         with session_scope(url) as session:
-            row = session.execute(
-                select(Study.id, Study.needs_job, Study.last_instance_at).where(
-                    Study.study_instance_uid == study_uid
-                )
-            ).first()
-            latest = (
-                session.execute(
-                    select(Job.id, Job.status)
-                    .where(Job.study_id == row[0])
-                    .order_by(Job.id.desc())
-                    .limit(1)
-                ).first()
-                if row is not None
-                else None
-            )
-        if row is None:
+            state = queries.study_state(session, study_uid)
+        if state is None:
             raise LookupError(f"no study {study_uid}")
-        study_id, needs_job, last_at = row
-        if not needs_job:
-            which = f"job {latest[0]} ({latest[1]})" if latest is not None else "no job"
+        study_id, last_at = state["study_id"], state["last_instance_at"]
+        if not state["needs_job"]:
+            latest = state["job_id"]
+            which = f"job {latest} ({state['job_status']})" if latest is not None else "no job"
             raise NothingToComplete(
                 f"study {study_uid} has no instances that a job does not cover already "
                 f"(latest: {which}); use reprocess to run it again"
@@ -213,7 +192,7 @@ def complete_now(settings: Settings, app: Celery, study_uid: str) -> Completion:
         job_id = queue_job(settings, app, study_id, study_uid, last_at, "requested")
         if job_id is not None:
             with session_scope(url) as session:
-                sent = session.scalar(select(Job.enqueued_at).where(Job.id == job_id)) is not None
+                sent = queries.job_enqueued(session, job_id)
             return Completion(study_uid, job_id, sent)
         time.sleep(0.05)
     raise NothingToComplete(f"study {study_uid} keeps receiving instances; try again")

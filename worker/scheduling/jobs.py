@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Job, JobStatus, Series, Study, utcnow
+from db import queries
+from db.models import Job, JobStatus, utcnow
 from db.repo import claim_job, finish_job, job_is_current, record_coverage, renew_lease
 from db.session import session_scope
 from dicomnode import phi
@@ -103,25 +103,17 @@ def load_study(
     """The job's instances: the study's received ones, up to ``max_instance_id``
     (what the job covers) when given."""
     with session_scope(settings.effective_database_url) as session:
-        study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
-        stmt = (
-            select(Instance, Series.series_instance_uid, Series.modality)
-            .join(Series, Series.id == Instance.series_id)
-            .where(Instance.study_id == study_id, Instance.produced_by_us.is_(False))
-            .order_by(Instance.id)
-        )
-        if max_instance_id is not None:
-            stmt = stmt.where(Instance.id <= max_instance_id)
-        rows = session.execute(stmt).all()
+        study_uid = queries.study_uid_of(session, study_id)
+        rows = queries.job_input_instances(session, study_id, max_instance_id)
     refs = tuple(
         InstanceRef(
-            sop_instance_uid=inst.sop_instance_uid,
+            sop_instance_uid=sop_uid,
             series_instance_uid=series_uid,
-            sop_class_uid=inst.sop_class_uid,
+            sop_class_uid=sop_class_uid,
             modality=modality,
-            path=settings.storage_path / inst.rel_path,
+            path=settings.storage_path / rel_path,
         )
-        for inst, series_uid, modality in rows
+        for sop_uid, series_uid, sop_class_uid, modality, rel_path in rows
     )
     return StudyContext(
         job_id=job_id,
@@ -262,18 +254,12 @@ def _name(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _study_of(session: Any, job: Job) -> tuple[str, bool, Any]:
+def _study_of(session: Session, job: Job) -> tuple[str, bool, Any]:
     """The job's Study Instance UID; whether it is the first job created since the
     study's last instance; that instance's time."""
-    uid, last_at = session.execute(
-        select(Study.study_instance_uid, Study.last_instance_at).where(Study.id == job.study_id)
-    ).one()
-    earlier = session.scalar(
-        select(Job.id)
-        .where(Job.study_id == job.study_id, Job.id < job.id, Job.created_at >= last_at)
-        .limit(1)
-    )
-    return str(uid), earlier is None and job.created_at >= last_at, last_at
+    uid, last_at = queries.study_last_instance(session, job.study_id)
+    earlier = queries.earlier_job_since(session, job.study_id, job.id, last_at)
+    return uid, earlier is None and job.created_at >= last_at, last_at
 
 
 def _run_claimed(

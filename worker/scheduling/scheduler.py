@@ -23,9 +23,9 @@ import threading
 import time
 
 from celery import Celery
-from sqlalchemy import and_, or_, select
 
-from db.models import Job, JobStatus, Study, utcnow
+from db import queries
+from db.models import utcnow
 from db.repo import requeue_job
 from db.session import session_scope
 from dicomnode.assembly import StudyState, is_complete
@@ -59,11 +59,7 @@ def assemble_once(settings: Settings, app: Celery, now: dt.datetime | None = Non
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=settings.stable_seconds)
     with session_scope(settings.effective_database_url) as session:
-        candidates = session.execute(
-            select(Study.id, Study.study_instance_uid, Study.last_instance_at).where(
-                Study.needs_job.is_(True), Study.last_instance_at <= cutoff
-            )
-        ).all()
+        candidates = queries.studies_awaiting_job(session, received_before=cutoff)
     created: list[int] = []
     for study_id, study_uid, last_at in candidates:
         if not is_complete(
@@ -88,22 +84,8 @@ def reconcile_once(settings: Settings, app: Celery, now: dt.datetime | None = No
     # a job just made is being sent by whoever made it (commit, then send)
     unsent = now - dt.timedelta(seconds=SEND_GRACE_SECONDS)
     with session_scope(url) as session:
-        lost = list(
-            session.scalars(
-                select(Job.id).where(
-                    Job.status == JobStatus.QUEUED.value,
-                    or_(
-                        and_(Job.enqueued_at.is_(None), Job.created_at < unsent),
-                        Job.enqueued_at < stale,
-                    ),
-                )
-            )
-        )
-        expired = list(
-            session.scalars(
-                select(Job.id).where(Job.status == JobStatus.RUNNING.value, Job.lease_until < now)
-            )
-        )
+        lost = queries.lost_queued_jobs(session, unsent_before=unsent, sent_before=stale)
+        expired = queries.expired_running_jobs(session, now)
         # (a heartbeat or a retry may renew a lease meanwhile: requeue only if still expired)
         dead = [job_id for job_id in expired if requeue_job(session, job_id, expired_before=now)]
     for job_id in lost:
@@ -187,11 +169,7 @@ class Scheduler(threading.Thread):
         settings = self.settings
         now = now or utcnow()
         with session_scope(settings.effective_database_url) as session:
-            waiting = session.execute(
-                select(Study.id, Study.study_instance_uid, Study.last_instance_at).where(
-                    Study.needs_job.is_(True)
-                )
-            ).all()
+            waiting = queries.studies_awaiting_job(session)
         next_due: float | None = None
 
         def due(seconds: float) -> None:
