@@ -145,7 +145,7 @@ class Finding:
     is reported as a qualitative evaluation outside the measurement groups."""
 
     model: ModelSpec
-    kind: str  # classification | segmentation
+    kind: str  # the model's task kind, for the record; the report never branches on it
     code: CodeSpec
     present: bool
     probability: float | None = None  # 0-1, classification
@@ -163,6 +163,12 @@ class Finding:
     #: focal components: 1-based number (largest first) and how many were reported
     component: int | None = None
     components: int | None = None
+
+    @property
+    def scored(self) -> bool:
+        """A finding a model scored (a classifier's): a probability, present or
+        absent, and no region of its own (it is shown on the slice that drove it)."""
+        return self.probability is not None
 
     @property
     def label(self) -> str:
@@ -384,7 +390,7 @@ def _presence(f: Finding) -> hd.sr.QualitativeEvaluation:
 def _tracking_label(f: Finding) -> str:
     """The finding, its state for a classifier, the model (no colon: the Tracking
     Identifier's colons separate the viewer tool's tag and name)."""
-    if f.kind == "classification":
+    if f.scored:
         text = f"{f.label} {'present' if f.present else 'absent'} ({f.model.name})"
     else:
         text = f"{f.label} ({f.model.name})"
@@ -396,7 +402,7 @@ def viewer_label(f: Finding) -> str:
     "Lung nodule 1 of 1: diameter 15.4 mm, volume 1.81 cm3", "Lung: volume
     2512.5 cm3", "Lung nodule: present, probability 87 % (chest-ct-nodule-cls)"."""
     parts = []
-    if f.kind == "classification":
+    if f.scored:
         parts.append("present" if f.present else "absent")
     if f.probability is not None:
         parts.append(f"probability {_percent(f.probability)}")
@@ -405,7 +411,7 @@ def viewer_label(f: Finding) -> str:
     if f.volume_ml is not None:
         parts.append(f"volume {f.volume_ml:.{1 if f.volume_ml >= 100 else 2}f} cm3")
     text = f"{f.label}: {', '.join(parts)}" if parts else f.label
-    return f"{text} ({f.model.name})" if f.kind == "classification" else text
+    return f"{text} ({f.model.name})" if f.scored else text
 
 
 def _percent(probability: float) -> str:
@@ -432,7 +438,7 @@ def _region_of(f: Finding, by_sop: dict[str, Dataset]) -> PlanarRegion | None:
     """Where a finding is drawn; None when it has no region or its image is not
     among the report's sources."""
     region = f.region
-    if region is None and f.kind == "classification" and f.key_sop_instance_uid in by_sop:
+    if region is None and f.scored and f.key_sop_instance_uid in by_sop:
         region = slice_region(by_sop[str(f.key_sop_instance_uid)], f.key_frame_number)
     if region is None or region.sop_instance_uid not in by_sop:
         return None
@@ -672,7 +678,7 @@ def _groups(
         "finding_sites": [hd.sr.FindingSite(f.finding_site.concept())] if f.finding_site else None,
         "algorithm_id": f.model.algorithm_id(),
     }
-    seg = segs.get(f.model.name) if f.kind == "segmentation" else None
+    seg = segs.get(f.model.name)  # only a model with a label volume has a SEG
     number = _segment_number(seg, f) if seg is not None else None
     whole_segment = not f.focal and seg is not None and number is not None
     volume_refs: dict[str, Any] = (

@@ -22,10 +22,20 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
 
+from db.repo import InstanceRecord
+from dicomnode.uids import relative_instance_path, uid_digest
+from tests.factory import CANARY_ID, CANARY_NAME
+from worker.settings import DEMO_MODELS_DIR
+
 PG_ADMIN_URL = os.environ.get(
     "PACS_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REPO = Path(__file__).resolve().parent.parent
+
+#: for the tests that run the demo models (``make models`` builds them)
+needs_demo_models = pytest.mark.skipif(
+    not list(DEMO_MODELS_DIR.glob("*.json")), reason="demo models not built"
+)
 
 
 def free_port() -> int:
@@ -83,6 +93,38 @@ def send_datasets(
     finally:
         assoc.release()
     return statuses
+
+
+def canary_chest_ct(seed: int) -> list[Dataset]:
+    """The end-to-end chest CT phantom: 24 slices of 2.5 mm, 128 x 128, one 16 mm
+    nodule, in shuffled order, with the canary patient name and ID."""
+    from testkit.phantoms import generate_chest_ct, phantom_to_datasets
+
+    phantom = generate_chest_ct(
+        seed, matrix=128, slices=24, thickness_mm=2.5, nodule=True, nodule_diameter_mm=16.0
+    )
+    return list(
+        phantom_to_datasets(
+            phantom, shuffle=True, seed=seed, patient_name=CANARY_NAME, patient_id=CANARY_ID
+        )
+    )
+
+
+def ct_record(
+    study: str, series: str, sop: str, size_bytes: int = 100, **fields: Any
+) -> InstanceRecord:
+    """What the listener records for a CT instance (Explicit VR Little Endian)
+    at its storage path; ``fields``: the record's optional fields."""
+    return InstanceRecord(
+        study_instance_uid=study,
+        series_instance_uid=series,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        rel_path=relative_instance_path(study, series, sop),
+        size_bytes=size_bytes,
+        **fields,
+    )
 
 
 # -- services -----------------------------------------------------------------
@@ -160,6 +202,30 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 # -- pacs-ai processes ----------------------------------------------------------
 
 
+def cli_env(**settings: Any) -> dict[str, str]:
+    """This process's environment without its ``PACS_AI_*`` variables, plus these
+    settings (``data_dir=...`` is ``PACS_AI_DATA_DIR``), with this checkout on
+    ``PYTHONPATH``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
+    env["PYTHONPATH"] = str(REPO)
+    env.update({f"PACS_AI_{key.upper()}": str(value) for key, value in settings.items()})
+    return env
+
+
+def run_cli(
+    env: dict[str, str], *args: str, cwd: Path = REPO, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``pacs-ai ARGS`` in a child process with this environment (output captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 @dataclass
 class Node:
     """A pacs-ai installation in a temp dir, driven through its real CLI."""
@@ -177,17 +243,20 @@ class Node:
     def storage(self) -> Path:
         return Path(self.env["PACS_AI_DATA_DIR"]) / "storage"
 
+    @property
+    def api_url(self) -> str:
+        """The base URL of the API that ``pacs-ai run`` serves."""
+        return f"http://127.0.0.1:{self.env['PACS_AI_API_PORT']}"
+
+    def study_dir(self, study_uid: str) -> Path:
+        """Where the study's instances are stored (the folder need not exist)."""
+        digest = uid_digest(study_uid)
+        return self.storage / digest[:2] / digest[:32]
+
     def cli(
         self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "worker.cli.main", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=self.root,
-        )
+        result = run_cli(self.env, *args, cwd=self.root, timeout=timeout)
         with open(self.log_dir / "cli.log", "a") as fh:
             fh.write(result.stderr)
         if check and result.returncode != 0:
@@ -214,6 +283,15 @@ class Node:
     def start_listener(self) -> None:
         self.start("listen")
         wait_for(lambda: port_open(self.port), 30, what="listener port")
+
+    def start_run(self, timeout: float = 60, api: bool = False) -> None:
+        """``pacs-ai run`` (listener, workers and API); wait for the listener's port
+        (and, with ``api``, the API's)."""
+        self.start("run")
+        wait_for(lambda: port_open(self.port), timeout, what="listener")
+        if api:
+            api_port = int(self.env["PACS_AI_API_PORT"])
+            wait_for(lambda: port_open(api_port), timeout, what="API")
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         proc = self.procs.pop(name, None)
@@ -244,6 +322,11 @@ class Node:
     def jobs(self) -> list[dict[str, Any]]:
         return list(self.json("jobs", "list"))
 
+    def deliveries(self, *args: str, to: str = "") -> list[dict[str, Any]]:
+        """``pacs-ai deliveries list ARGS``: those whose destination starts with ``to``."""
+        rows = self.json("deliveries", "list", *args)
+        return [r for r in rows if r["destination"].startswith(to)]
+
     def wait_jobs(
         self, study_uids: Sequence[str], status: str = "done", timeout: float = 60
     ) -> list[dict[str, Any]]:
@@ -272,24 +355,20 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
         root = tmp_path / f"node{len(nodes)}"
         root.mkdir()
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-        env.update(
-            PACS_AI_DATA_DIR=str(root / "data"),
-            PACS_AI_PORT=str(port),
-            PACS_AI_HOST="127.0.0.1",
-            PACS_AI_STABLE_SECONDS="1",
-            PACS_AI_ASSEMBLER_INTERVAL="0.3",
-            PACS_AI_LOG_LEVEL="DEBUG",
-            PACS_AI_API_PORT=str(free_port()),  # `run` serves the API too
-            PYTHONPATH=str(REPO),
-        )
+        defaults: dict[str, Any] = {
+            "data_dir": root / "data",
+            "port": port,
+            "host": "127.0.0.1",
+            "stable_seconds": "1",
+            "assembler_interval": "0.3",
+            "log_level": "DEBUG",
+            "api_port": free_port(),  # `run` serves the API too
+        }
         if database_url:
-            env["PACS_AI_DATABASE_URL"] = database_url
+            defaults["database_url"] = database_url
         if broker_url:
-            env["PACS_AI_BROKER_URL"] = broker_url
-        for key, value in settings.items():
-            env[f"PACS_AI_{key.upper()}"] = str(value)
-        node = Node(root=root, env=env, port=port)
+            defaults["broker_url"] = broker_url
+        node = Node(root=root, env=cli_env(**{**defaults, **settings}), port=port)
         node.log_dir.mkdir()
         nodes.append(node)
         return node
@@ -301,6 +380,158 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dciodvfy's (dicom3tools) errors about a DICOM file; its warnings are
+    printed (``pytest -s`` shows them)."""
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, timeout=60)
+    lines = (out.stdout + out.stderr).decode("utf-8", "replace").splitlines()
+    for line in lines:
+        if line.startswith("Warning"):
+            print(f"dciodvfy {path.name}: {line}")
+    return [line for line in lines if line.startswith("Error")]
+
+
+# -- peers: Orthanc, Chromium -------------------------------------------------------
+
+
+class Orthanc:
+    """A private Orthanc (Debian ``orthanc``) on free ports, filled and read over
+    its REST API (a status of 400 or more fails the test)."""
+
+    def __init__(self, folder: Path, name: str = "pacs-ai-test") -> None:
+        self.folder = folder
+        self.name = name
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        #: sent with every REST call (``Authorization``, when it is switched on)
+        self.headers: dict[str, str] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, pacs_ai_port: int | None = None, **config: Any) -> None:
+        """Write its configuration and start it; ``pacs_ai_port``: pacs-ai's
+        listener, Orthanc's modality ``pacsai`` (where a C-MOVE to PACSAI or
+        ``/modalities/pacsai/store`` sends); ``config`` adds or replaces entries."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        modalities = {"pacsai": ["PACSAI", "127.0.0.1", pacs_ai_port]} if pacs_ai_port else {}
+        settings = {
+            "Name": self.name,
+            "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": modalities,
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            **config,
+        }
+        (self.folder / "orthanc.json").write_text(json.dumps(settings))
+        with open(self.folder / "orthanc.log", "wb") as log:  # the child keeps its copy
+            self._proc = subprocess.Popen(
+                ["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(
+            lambda: port_open(self.http_port) and port_open(self.dicom_port), 30, what="Orthanc"
+        )
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+            self._proc = None
+
+    def call(self, method: str, path: str, body: bytes | None = None) -> Any:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=120)
+        try:
+            conn.request(method, path, body=body, headers=self.headers)
+            rsp = conn.getresponse()
+            data = rsp.read()
+            if rsp.status >= 400:
+                raise AssertionError(f"Orthanc {method} {path}: {rsp.status} {data[:200]!r}")
+        finally:
+            conn.close()
+        return json.loads(data) if data else None
+
+    def upload(self, datasets: Sequence[Dataset]) -> None:
+        """Store each dataset in Orthanc (``POST /instances``)."""
+        import io
+
+        for ds in datasets:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            self.call("POST", "/instances", buf.getvalue())
+
+
+@pytest.fixture
+def orthanc_server(tmp_path: Path) -> Iterator[Orthanc]:
+    """An Orthanc not started yet (its ports are chosen), stopped after the test;
+    the test is skipped where Orthanc is not installed."""
+    if not have("Orthanc"):
+        pytest.skip("Orthanc not installed (apt-get install orthanc)")
+    server = Orthanc(tmp_path / "orthanc")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+#: Chromium as root in a container: no sandbox, no GPU, no network of its own.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
+
+
+@contextmanager
+def headless_chromium(*flags: str, console_log: bool = False) -> Iterator[Any]:
+    """Debian's Chromium (never a downloaded one) through chromedriver (selenium),
+    with :data:`CHROMIUM_FLAGS` and ``flags``; ``console_log`` keeps the pages'
+    console messages."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, *flags):
+        options.add_argument(flag)
+    if console_log:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Chromium with a 1440 x 2000 window (skipped without Debian's
+    chromium and chromium-driver)."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian packages chromium and chromium-driver are not installed")
+    with headless_chromium("--window-size=1440,2000") as driver:
+        yield driver
 
 
 # -- helpers for fault and security tests ----------------------------------------

@@ -34,9 +34,11 @@ from tests.conftest import (
     REPO,
     Node,
     _pg_exec,
+    cli_env,
     free_port,
     pg_block,
     port_open,
+    run_cli,
     send_datasets,
     send_files_raw,
     wait_for,
@@ -64,17 +66,14 @@ BAD_SLICES = 3
 
 
 def node_env(root: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    env.update(
-        PACS_AI_DATA_DIR=str(root / "data"),
-        PACS_AI_HOST="127.0.0.1",
-        PACS_AI_STABLE_SECONDS="1.5",
-        PACS_AI_ASSEMBLER_INTERVAL="0.3",
-        PACS_AI_LOG_LEVEL="DEBUG",
-        PYTHONPATH=str(REPO),
-    )
-    env.update({f"PACS_AI_{k.upper()}": v for k, v in settings.items()})
-    return env
+    defaults = {
+        "data_dir": str(root / "data"),
+        "host": "127.0.0.1",
+        "stable_seconds": "1.5",
+        "assembler_interval": "0.3",
+        "log_level": "DEBUG",
+    }
+    return cli_env(**{**defaults, **settings})
 
 
 @dataclass
@@ -156,9 +155,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiNode]:
     node.log_dir.mkdir()
     base = f"http://127.0.0.1:{api_port}"
     try:
-        node.start("run")
-        wait_for(lambda: port_open(port), 60, what="listener")
-        wait_for(lambda: port_open(api_port), 60, what="API")
+        node.start_run(api=True)
 
         good_uid, good = _chest_ct(root / "good")
         assert send_datasets(port, good) == [0] * GOOD_SLICES
@@ -166,7 +163,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiNode]:
         bad_uid, series_uid = generate_uid(), generate_uid()
         bad = [ct_slice(bad_uid, series_uid, i) for i in range(BAD_SLICES)]
         assert send_datasets(port, bad) == [0] * BAD_SLICES
-        study_dir = _study_dir(node, bad_uid)
+        study_dir = node.study_dir(bad_uid)
+        assert study_dir.is_dir()
         shutil.rmtree(study_dir)
         sent_bytes = sum(p.stat().st_size for p in good)
         yield_node = ApiNode(
@@ -190,13 +188,6 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiNode]:
         destination.stop()
         _pg_exec(f'ALTER DATABASE "{db_name}" ALLOW_CONNECTIONS true')
         _pg_exec(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-
-
-def _study_dir(node: Node, study_uid: str) -> Path:
-    h = hashlib.sha256(study_uid.encode()).hexdigest()
-    folder = node.storage / h[:2] / h[:32]
-    assert folder.is_dir()
-    return folder
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -554,38 +545,7 @@ def test_resend_endpoint(api: ApiNode) -> None:
 
 # -- the dashboard in a real headless Chromium --------------------------------------------
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1440,2000",
-)
 SCREENSHOTS = REPO / "test-output"
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("Debian packages chromium and chromium-driver are not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.implicitly_wait(0)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_dashboard_in_chromium(api: ApiNode, browser: Any) -> None:
@@ -690,26 +650,13 @@ def test_no_patient_data_in_any_log(api: ApiNode) -> None:
 def test_refuses_public_address_without_token(tmp_path: Path) -> None:
     env = node_env(tmp_path, api_host="0.0.0.0", api_port=str(free_port()))
     for command in (["api"], ["run"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "worker.cli.main", *command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-        )
+        result = run_cli(env, *command, cwd=tmp_path, timeout=60)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert (
             len(lines) == 1 and "refusing to serve the API on 0.0.0.0 without a token" in lines[0]
         )
-    weak = subprocess.run(
-        [sys.executable, "-m", "worker.cli.main", "api"],
-        env={**env, "PACS_AI_API_TOKEN": "short"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    weak = run_cli({**env, "PACS_AI_API_TOKEN": "short"}, "api", timeout=60)
     assert weak.returncode == 2 and "at least 16 characters" in weak.stderr
     assert "short" not in weak.stderr.replace("PACS_AI", "")
 

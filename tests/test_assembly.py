@@ -16,10 +16,10 @@ from sqlalchemy import select
 
 from db.migrate import upgrade
 from db.models import Job, JobStatus, Study
-from db.repo import InstanceRecord, record_instance
+from db.repo import record_instance
 from db.session import dispose_all, session_scope
 from dicomnode.assembly import StudyState, is_complete
-from dicomnode.uids import relative_instance_path
+from tests.conftest import ct_record
 from worker.scheduling.celery_app import (
     INFERENCE_QUEUE,
     PROCESS_JOB_TASK,
@@ -125,20 +125,7 @@ def receive(settings: Settings, study: str, n: int, at: dt.datetime, series: str
     with session_scope(settings.effective_database_url) as session:
         for i in range(n):
             sop = f"{series}.{i + 1}"
-            record_instance(
-                session,
-                InstanceRecord(
-                    study_instance_uid=study,
-                    series_instance_uid=series,
-                    sop_instance_uid=sop,
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                    transfer_syntax_uid="1.2.840.10008.1.2.1",
-                    rel_path=relative_instance_path(study, series, sop),
-                    size_bytes=100,
-                    modality="CT",
-                ),
-                now=at,
-            )
+            record_instance(session, ct_record(study, series, sop, modality="CT"), now=at)
 
 
 def jobs(settings: Settings) -> list[Job]:

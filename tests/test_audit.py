@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from sqlalchemy.pool import NullPool
 
 from db.migrate import upgrade
 from db.session import dispose_all
-from tests.conftest import REPO
+from tests.conftest import cli_env, run_cli
 
 ADMIN_TOKEN = "audit-admin-" + "1" * 20
 READ_TOKENS = ("audit-read-zero-" + "2" * 20, "audit-read-one-" + "3" * 20)
@@ -153,25 +151,11 @@ def test_every_api_request_is_audited(tmp_path: Path) -> None:
     dispose_all()
 
 
-def _cli(env: dict[str, str], *args: str) -> Any:
-    import subprocess
-
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=env["PACS_AI_DATA_DIR"],
-    )
-
-
 @pytest.mark.integration
 def test_every_cli_command_is_audited(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    env.update(PACS_AI_DATA_DIR=str(data), PYTHONPATH=str(REPO))
+    env = cli_env(data_dir=data)
     commands: list[tuple[list[str], str, list[str], int]] = [
         (["db", "upgrade"], "db upgrade", [], 0),
         (["studies", "list", "--json"], "studies list --json", [], 0),
@@ -186,10 +170,10 @@ def test_every_cli_command_is_audited(tmp_path: Path) -> None:
         (["audit", "list", "--limit", "3"], "audit list --limit", [], 0),
     ]
     for argv, _action, _studies, status in commands:
-        result = _cli(env, *argv)
+        result = run_cli(env, *argv, cwd=data)
         assert result.returncode == status, (argv, result.stderr)
         assert "audit record" not in result.stderr
-    shown = json.loads(_cli(env, "audit", "list", "--json", "--limit", "100").stdout)
+    shown = json.loads(run_cli(env, "audit", "list", "--json", "--limit", "100", cwd=data).stdout)
     records = [r for r in reversed(shown) if r["interface"] == "cli"]
     # the last `audit list --json` is recorded after it printed
     assert len(records) == len(commands), [r["action"] for r in records]

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_env, run_cli
 
 
 def _run(tmp_path: Path, pythonpath: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    env.update(PYTHONPATH=pythonpath, PACS_AI_DATA_DIR=str(tmp_path / "data"))
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    env = {**cli_env(data_dir=tmp_path / "data"), "PYTHONPATH": pythonpath}
+    return run_cli(env, *args, cwd=tmp_path, timeout=60)
 
 
 def test_shadowed_package_is_refused(tmp_path: Path) -> None:

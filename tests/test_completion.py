@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,16 @@ from sqlalchemy import select
 
 from db.migrate import upgrade
 from db.models import Delivery, Job, JobStatus, Study, utcnow
-from db.repo import InstanceRecord, record_instance
+from db.repo import record_instance
 from db.session import dispose_all, session_scope
 from dicomnode.pacs_query import PacsCounts, QueryPeer, parse_peer, query_counts
-from dicomnode.uids import relative_instance_path
 from tests.conftest import (
     Node,
     NodeFactory,
+    Orthanc,
+    ct_record,
     free_port,
-    have,
     node_db_url,
-    port_open,
     send_datasets,
     wait_for,
 )
@@ -297,20 +294,7 @@ def receive(
     with session_scope(settings.effective_database_url) as session:
         for i in range(n):
             sop = f"{series}.{time.monotonic_ns()}.{i}"
-            record_instance(
-                session,
-                InstanceRecord(
-                    study_instance_uid=STUDY,
-                    series_instance_uid=series,
-                    sop_instance_uid=sop,
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                    transfer_syntax_uid="1.2.840.10008.1.2.1",
-                    rel_path=relative_instance_path(STUDY, series, sop),
-                    size_bytes=100,
-                    modality="CT",
-                ),
-                now=at,
-            )
+            record_instance(session, ct_record(STUDY, series, sop, modality="CT"), now=at)
 
 
 def jobs(settings: Settings) -> list[tuple[int, dt.datetime, str]]:
@@ -561,54 +545,11 @@ def latency(node: Node, study_uid: str) -> float:
     return float((row[0] - row[1]).total_seconds())
 
 
-class Orthanc:
-    def __init__(self, http_port: int, dicom_port: int) -> None:
-        self.http_port = http_port
-        self.dicom_port = dicom_port
-
-    def call(self, method: str, path: str, body: bytes | None = None) -> Any:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
-        )
-        with urllib.request.urlopen(req, timeout=60) as rsp:  # noqa: S310 - localhost
-            data = rsp.read()
-        return json.loads(data) if data else None
-
-
 @pytest.fixture
-def orthanc_pacs(tmp_path: Path, node_factory: NodeFactory) -> Iterator[tuple[Orthanc, Node]]:
-    if not have("Orthanc"):
-        pytest.skip("Orthanc not installed (apt-get install orthanc)")
-    http_port, dicom_port = free_port(), free_port()
-    node = node_factory(stable_seconds=30, pacs=f"ORTHANC@127.0.0.1:{dicom_port}")
-    folder = tmp_path / "orthanc"
-    folder.mkdir()
-    config = {
-        "Name": "pacs-ai-completion",
-        "StorageDirectory": str(folder / "db"),
-        "IndexDirectory": str(folder / "db"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "DicomModalities": {"pacsai": ["PACSAI", "127.0.0.1", node.port]},
-        "Plugins": [],
-        "HttpServerEnabled": True,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        ["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        wait_for(lambda: port_open(http_port) and port_open(dicom_port), 30, what="Orthanc")
-        yield Orthanc(http_port, dicom_port), node
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+def orthanc_pacs(node_factory: NodeFactory, orthanc_server: Orthanc) -> tuple[Orthanc, Node]:
+    node = node_factory(stable_seconds=30, pacs=f"ORTHANC@127.0.0.1:{orthanc_server.dicom_port}")
+    orthanc_server.start(node.port, Name="pacs-ai-completion")
+    return orthanc_server, node
 
 
 @pytest.mark.integration

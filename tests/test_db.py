@@ -23,7 +23,7 @@ from db.repo import (
     requeue_job,
 )
 from db.session import dispose_all, get_engine, session_scope
-from dicomnode.uids import relative_instance_path
+from tests.conftest import ct_record
 
 T0 = dt.datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=dt.UTC)
 TABLES = {*Base.metadata.tables, "alembic_version"}
@@ -51,16 +51,7 @@ def db(url: str) -> str:
 def rec(
     study: str = "1.2.3", series: str = "1.2.3.1", sop: str = "1.2.3.1.1", **kw: object
 ) -> InstanceRecord:
-    return InstanceRecord(
-        study_instance_uid=study,
-        series_instance_uid=series,
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        rel_path=relative_instance_path(study, series, sop),
-        size_bytes=1234,
-        **kw,  # type: ignore[arg-type]
-    )
+    return ct_record(study, series, sop, size_bytes=1234, **kw)
 
 
 def study_row(url: str, uid: str = "1.2.3") -> Study:

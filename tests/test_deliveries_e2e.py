@@ -17,8 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,49 +25,19 @@ from sqlalchemy import update
 
 from db.models import Delivery, utcnow
 from db.session import session_scope
-from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import (
-    Node,
     NodeFactory,
+    canary_chest_ct,
     free_port,
+    needs_demo_models,
     node_db_url,
-    port_open,
     send_datasets,
     wait_for,
 )
 from tests.dicom_peers import RecordingSCP
 from tests.factory import CANARY_ID, CANARY_NAME
-from worker.pipeline.registry import DEMO_MODELS_DIR
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not list(DEMO_MODELS_DIR.glob("*.json")), reason="demo models not built"),
-]
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-
-def _phantom(seed: int) -> list[Any]:
-    phantom = generate_chest_ct(
-        seed, matrix=128, slices=24, thickness_mm=2.5, nodule=True, nodule_diameter_mm=16.0
-    )
-    return phantom_to_datasets(
-        phantom, shuffle=True, seed=seed, patient_name=CANARY_NAME, patient_id=CANARY_ID
-    )
-
-
-def _start(node: Node) -> str:
-    node.start("run")
-    wait_for(lambda: port_open(node.port), 60, what="listener")
-    api_port = int(node.env["PACS_AI_API_PORT"])
-    wait_for(lambda: port_open(api_port), 60, what="API")
-    return f"http://127.0.0.1:{api_port}"
-
-
-def _deliveries(node: Node, prefix: str = "") -> list[dict[str, Any]]:
-    rows = node.json("deliveries", "list")
-    return [r for r in rows if r["destination"].startswith(prefix)]
+pytestmark = [pytest.mark.integration, needs_demo_models]
 
 
 def _metric(base: str, name: str, destination: str) -> float:
@@ -86,24 +54,6 @@ def _backlog(base: str) -> dict[str, Any]:
     return {d["destination"]: d for d in response.json()["destinations"]}
 
 
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("Debian packages chromium and chromium-driver are not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1440,2000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 def test_destination_down_past_old_horizon_gets_everything(
     node_factory: NodeFactory, browser: Any
 ) -> None:
@@ -111,7 +61,7 @@ def test_destination_down_past_old_horizon_gets_everything(
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    datasets = _phantom(7_100_001)
+    datasets = canary_chest_ct(7_100_001)
     study_uid = str(datasets[0].StudyInstanceUID)
     late = RecordingSCP(free_port(), "LATE")
     dead_port = free_port()  # nothing ever listens there
@@ -128,13 +78,14 @@ def test_destination_down_past_old_horizon_gets_everything(
         log_format="text",
     )
     try:
-        base = _start(node)
+        node.start_run(api=True)
+        base = node.api_url
         assert set(send_datasets(node.port, datasets)) == {0}
         node.wait_jobs([study_uid], "done", timeout=180)
 
         # down far past what PACS_AI_DELIVERY_MAX_ATTEMPTS=2 allowed: still pending
         def retried_a_lot() -> list[dict[str, Any]] | None:
-            rows = _deliveries(node, "LATE@")
+            rows = node.deliveries(to="LATE@")
             if len(rows) == 2 and all(r["attempts"] >= 6 for r in rows):
                 return rows
             return None
@@ -183,7 +134,7 @@ def test_destination_down_past_old_horizon_gets_everything(
                 .values(created_at=utcnow() - dt.timedelta(hours=169))
             )
         (dead,) = wait_for(
-            lambda: [r for r in _deliveries(node, "DEAD@") if r["status"] == "failed"] or None,
+            lambda: [r for r in node.deliveries(to="DEAD@") if r["status"] == "failed"] or None,
             30,
             0.5,
             what="the too old delivery failed",
@@ -194,7 +145,7 @@ def test_destination_down_past_old_horizon_gets_everything(
         late.start()
         sent = wait_for(
             lambda: (
-                (r := _deliveries(node, "LATE@")) and all(d["status"] == "sent" for d in r) and r
+                (r := node.deliveries(to="LATE@")) and all(d["status"] == "sent" for d in r) and r
             ),
             30,
             0.5,
@@ -217,7 +168,7 @@ def test_destination_down_past_old_horizon_gets_everything(
         assert toast.text.startswith("Resend queued: 3 object(s)"), toast.text
         wait_for(lambda: len(late.uids()) == 4, 30, what="objects sent again")
         again = wait_for(
-            lambda: [r for r in _deliveries(node, "DEAD@") if r["attempts"] >= 2] or None,
+            lambda: [r for r in node.deliveries(to="DEAD@") if r["attempts"] >= 2] or None,
             30,
             0.5,
             what="the resent delivery retried",
@@ -247,7 +198,7 @@ class _Blackhole:
 
 
 def test_dead_destination_does_not_hold_up_inference(node_factory: NodeFactory) -> None:
-    first, second = _phantom(7_100_002), _phantom(7_100_003)
+    first, second = canary_chest_ct(7_100_002), canary_chest_ct(7_100_003)
     hole = _Blackhole()
     name = f"HANG@127.0.0.1:{hole.port}"
     node = node_factory(
@@ -258,13 +209,13 @@ def test_dead_destination_does_not_hold_up_inference(node_factory: NodeFactory) 
         dispatch_concurrency=1,
     )
     try:
-        _start(node)
+        node.start_run(api=True)
         uid1 = str(first[0].StudyInstanceUID)
         assert set(send_datasets(node.port, first)) == {0}
         node.wait_jobs([uid1], "done", timeout=180)
         # the dispatch worker is stuck in its first attempt (no answer for 240 s)
         wait_for(
-            lambda: [r for r in _deliveries(node) if r["attempts"] == 1] or None,
+            lambda: [r for r in node.deliveries() if r["attempts"] == 1] or None,
             30,
             0.5,
             what="an attempt in flight",
@@ -275,7 +226,7 @@ def test_dead_destination_does_not_hold_up_inference(node_factory: NodeFactory) 
         node.wait_jobs([uid2], "done", timeout=180)
         elapsed = (utcnow() - started).total_seconds()
         assert elapsed < 200, elapsed
-        rows = {r["study_instance_uid"]: r for r in _deliveries(node)}
+        rows = {r["study_instance_uid"]: r for r in node.deliveries()}
         # the first study's attempt is still hanging: inference did not wait for it
         assert rows[uid1]["attempts"] == 1 and rows[uid1]["last_error"] is None
         assert rows[uid1]["status"] == "pending"

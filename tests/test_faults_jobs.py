@@ -29,18 +29,14 @@ from tests.conftest import (
     RedisServer,
     db_rows,
     free_port,
+    needs_demo_models,
     pg_block,
-    port_open,
     send_datasets,
     wait_for,
 )
 from tests.dicom_peers import RecordingSCP
-from worker.pipeline.registry import DEMO_MODELS_DIR
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not list(DEMO_MODELS_DIR.glob("*.json")), reason="demo models not built"),
-]
+pytestmark = [pytest.mark.integration, needs_demo_models]
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SHORT = {"job_lease_seconds": 4, "ort_threads": 1}
@@ -110,8 +106,7 @@ def _stop(node: Node) -> None:
 
 def test_worker_killed_mid_inference_embedded(node_factory: NodeFactory) -> None:
     node = node_factory(**SHORT)
-    node.start("run")
-    wait_for(lambda: port_open(node.port), 90, what="listener")
+    node.start_run(90)
     datasets = _ct(7_100_001, 60)
     study = str(datasets[0].StudyInstanceUID)
     assert set(send_datasets(node.port, datasets)) == {0}
@@ -197,8 +192,7 @@ def test_late_instances_newest_job_wins(node_factory: NodeFactory) -> None:
     scp.start()
     try:
         node = node_factory(destinations=f"DEST@127.0.0.1:{scp.port}", **SHORT)
-        node.start("run")
-        wait_for(lambda: port_open(node.port), 90, what="listener")
+        node.start_run(90)
         datasets = _ct(7_100_004, 100)
         study = str(datasets[0].StudyInstanceUID)
         first, late = datasets[:80], datasets[80:]
@@ -219,8 +213,7 @@ def test_late_instances_newest_job_wins(node_factory: NodeFactory) -> None:
         deliveries = wait_for(
             lambda: (
                 rows
-                if (rows := node.json("deliveries", "list"))
-                and all(r["status"] == "sent" for r in rows)
+                if (rows := node.deliveries()) and all(r["status"] == "sent" for r in rows)
                 else None
             ),
             60,

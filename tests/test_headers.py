@@ -4,7 +4,6 @@ copy is valid (dciodvfy, 0 errors) and reads back equal (dicomnode/headers.py)."
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from dicomnode.results import (
     build_sr,
 )
 from testkit.phantoms import generate_chest_ct, phantom_to_datasets
-from tests.conftest import have
+from tests.conftest import dciodvfy_errors, have
 
 LUNG = CodeSpec("39607008", "SCT", "Lung")
 ANATOMY = CodeSpec("91723000", "SCT", "Anatomical structure")
@@ -93,19 +92,10 @@ def _objects(sources: list[Dataset], folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _dciodvfy(path: Path) -> list[str]:
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, timeout=60)
-    lines = (out.stdout + out.stderr).decode("utf-8", "replace").splitlines()
-    for line in lines:
-        if line.startswith("Warning"):
-            print(f"dciodvfy {path.name}: {line}")
-    return [line for line in lines if line.startswith("Error")]
-
-
 def _check_valid(paths: dict[str, Path]) -> None:
     if have("dciodvfy"):
         for kind, path in paths.items():
-            assert _dciodvfy(path) == [], kind
+            assert dciodvfy_errors(path) == [], kind
 
 
 # -- tolerated deviations --------------------------------------------------------------

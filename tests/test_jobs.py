@@ -20,7 +20,6 @@ from sqlalchemy import func, select, update
 from db.migrate import upgrade
 from db.models import Instance, Job, JobStatus, Result, utcnow
 from db.repo import (
-    InstanceRecord,
     claim_job,
     finish_job,
     job_is_current,
@@ -31,7 +30,7 @@ from db.repo import (
     requeue_job,
 )
 from db.session import dispose_all, session_scope
-from dicomnode.uids import relative_instance_path
+from tests.conftest import ct_record
 from worker.scheduling.jobs import StudyContext, ensure_current, is_transient, run_job
 from worker.scheduling.scheduler import assemble_once, reconcile_every, reconcile_once
 from worker.settings import Settings, SettingsError, load_settings
@@ -75,19 +74,7 @@ def receive(settings: Settings, n: int, start: int = 0) -> None:
     with session_scope(settings.effective_database_url) as session:
         for i in range(start, start + n):
             sop = f"{series}.{i + 1}"
-            record_instance(
-                session,
-                InstanceRecord(
-                    study_instance_uid=STUDY,
-                    series_instance_uid=series,
-                    sop_instance_uid=sop,
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                    transfer_syntax_uid="1.2.840.10008.1.2.1",
-                    rel_path=relative_instance_path(STUDY, series, sop),
-                    size_bytes=100,
-                    modality="CT",
-                ),
-            )
+            record_instance(session, ct_record(STUDY, series, sop, modality="CT"))
 
 
 def new_job(settings: Settings, app: FakeApp | None = None) -> int:

@@ -11,9 +11,7 @@ worker, API; SQLite and the filesystem broker):
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -27,13 +25,21 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from testkit.phantoms import generate_chest_ct, phantom_to_datasets
-from tests.conftest import Node, NodeFactory, free_port, have, port_open, send_datasets, wait_for
+from tests.conftest import (
+    NodeFactory,
+    dciodvfy_errors,
+    free_port,
+    have,
+    needs_demo_models,
+    port_open,
+    send_datasets,
+    wait_for,
+)
 from tests.dicom_peers import storescp
-from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not list(DEMO_MODELS_DIR.glob("*.json")), reason="demo models not built"),
+    needs_demo_models,
     pytest.mark.skipif(not have("storescp"), reason="dcmtk storescp not installed"),
 ]
 
@@ -90,20 +96,9 @@ def _study(seed: int, patient_name: str) -> list[Any]:
     return datasets
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, timeout=60)
-    lines = (out.stdout + out.stderr).decode("utf-8", "replace").splitlines()
-    return [line for line in lines if line.startswith("Error")]
-
-
 def _leaks(text: str) -> list[str]:
     low = text.lower()
     return [c for c in CANARIES if c.lower() in low]
-
-
-def _study_dir(node: Node, study_uid: str) -> Path:
-    h = hashlib.sha256(study_uid.encode()).hexdigest()
-    return node.storage / h[:2] / h[:32]
 
 
 def test_odd_headers_done_and_no_canary_anywhere(node_factory: NodeFactory, tmp_path: Path) -> None:
@@ -116,14 +111,13 @@ def test_odd_headers_done_and_no_canary_anywhere(node_factory: NodeFactory, tmp_
         stable_seconds=3,
         destinations=f"DEST@127.0.0.1:{dest_port}/sr+seg+ki",
     )
-    api = f"http://127.0.0.1:{node.env['PACS_AI_API_PORT']}"
+    api = node.api_url
     received = tmp_path / "received"
     with storescp(dest_port, received):
-        node.start("run")
-        wait_for(lambda: port_open(node.port), 60, what="listener")
+        node.start_run()
         # the failing study: its files vanish from storage before its job runs
         assert set(send_datasets(node.port, bad)) == {0}
-        shutil.rmtree(_study_dir(node, bad_uid))
+        shutil.rmtree(node.study_dir(bad_uid))
         assert set(send_datasets(node.port, good)) == {0}
         node.wait_jobs([bad_uid], "failed", timeout=120)
         jobs = node.wait_jobs([good_uid], "done", timeout=180)
@@ -157,7 +151,7 @@ def test_odd_headers_done_and_no_canary_anywhere(node_factory: NodeFactory, tmp_
     assert set(objects) == {SR_CLASS, SEG_CLASS, SC_CLASS}
     if have("dciodvfy"):
         for path in files:
-            assert _dciodvfy_errors(path) == [], path.name
+            assert dciodvfy_errors(path) == [], path.name
     for ds in objects.values():
         assert str(ds.PatientName) == "ZQCANARYNOCARET"
         assert ds.PatientID == "ZQID-4711" and ds.PatientSex == ""
@@ -169,7 +163,7 @@ def test_odd_headers_done_and_no_canary_anywhere(node_factory: NodeFactory, tmp_
     failed = [j for j in node.jobs() if j["study_instance_uid"] == bad_uid]
     assert failed and failed[-1]["status"] == "failed" and failed[-1]["error"]
     assert _leaks(str(node.jobs())) == []
-    assert _leaks(str(node.json("deliveries", "list"))) == []
+    assert _leaks(str(node.deliveries())) == []
     for answer in answers:
         assert answer and _leaks(answer) == [], answer[:200]
     logs = node.logs()

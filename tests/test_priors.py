@@ -16,12 +16,7 @@ patient's earlier study.
 from __future__ import annotations
 
 import datetime as dt
-import io
-import json
 import math
-import subprocess
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +26,18 @@ from testkit.phantoms import Nodule, Phantom, generate_chest_ct, phantom_to_data
 from tests.conftest import (
     Node,
     NodeFactory,
+    Orthanc,
     db_rows,
+    dciodvfy_errors,
     free_port,
     have,
-    port_open,
+    needs_demo_models,
     send_datasets,
     wait_for,
 )
-from worker.pipeline.registry import DEMO_MODELS_DIR
 from worker.results.priors import MATCH_MM, compare, match_nodule
 
 SEG_MODEL = "chest-ct-lung-seg"
-NEEDS_MODELS = pytest.mark.skipif(
-    not list(DEMO_MODELS_DIR.glob("*.json")), reason="demo models not built"
-)
 FIRST, SECOND = dt.date(2025, 1, 1), dt.date(2025, 6, 30)  # 180 days apart
 
 
@@ -225,7 +218,7 @@ def _sr_priors(path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.integration
-@NEEDS_MODELS
+@needs_demo_models
 def test_follow_up_carries_its_prior(node_factory: NodeFactory, tmp_path: Path) -> None:
     from tests.dicom_peers import storescp
 
@@ -249,8 +242,7 @@ def _follow_up(
     after: Phantom,
     received: Path,
 ) -> None:
-    node.start("run")
-    wait_for(lambda: port_open(node.port), 60, what="listener")
+    node.start_run()
     for datasets in (old, new, other):  # one at a time: each is the latest when processed
         assert set(send_datasets(node.port, datasets)) == {0}
         node.wait_jobs([str(datasets[0].StudyInstanceUID)], "done", timeout=300)
@@ -272,14 +264,15 @@ def _follow_up(
     def sr_file() -> Path | None:
         sent = [
             d
-            for d in node.json("deliveries", "list", "--study", new_uid)
+            for d in node.deliveries("--study", new_uid)
             if d["kind"] == "sr" and d["status"] == "sent"
         ]
         if not sent:
             return None
         return next(iter(received.glob(f"*{sent[0]['sop_instance_uid']}*")), None)
 
-    in_sr = _sr_priors(wait_for(sr_file, 120, 0.5, what="the follow-up's SR"))
+    sr_path = wait_for(sr_file, 120, 0.5, what="the follow-up's SR")
+    in_sr = _sr_priors(sr_path)
     assert in_sr["study_instance_uid"] == str(old[0].StudyInstanceUID)
     assert in_sr["study_date"] == "20250101"
     assert in_sr["Nodule volume in prior study"] == pytest.approx(prior["volume_ml"], abs=1e-3)
@@ -287,77 +280,27 @@ def _follow_up(
     assert in_sr["Nodule volume doubling time"] == prior["doubling_time_days"]
     assert in_sr["Interval since prior study"] == 180
     if have("dciodvfy"):
-        checked = subprocess.run(
-            ["dciodvfy", str(sr_file())], capture_output=True, text=True, timeout=60
-        )
-        errors = [line for line in checked.stderr.splitlines() if line.startswith("Error")]
-        assert not errors, checked.stderr
+        errors = dciodvfy_errors(sr_path)
+        assert not errors, errors
 
 
 # -- PACS_AI_PRIORS=pacs: the prior is on the PACS only -----------------------------------
 
 
-class Orthanc:
-    def __init__(self, http_port: int, dicom_port: int) -> None:
-        self.http_port = http_port
-        self.dicom_port = dicom_port
-
-    def call(self, method: str, path: str, body: bytes | None = None) -> Any:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
-        )
-        with urllib.request.urlopen(req, timeout=120) as rsp:  # noqa: S310 - localhost
-            data = rsp.read()
-        return json.loads(data) if data else None
-
-    def upload(self, datasets: list[Any]) -> None:
-        for ds in datasets:
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            self.call("POST", "/instances", buf.getvalue())
-
-
 @pytest.fixture
-def pacs_node(tmp_path: Path, node_factory: NodeFactory) -> Iterator[tuple[Orthanc, Node]]:
-    if not have("Orthanc"):
-        pytest.skip("Orthanc not installed (apt-get install orthanc)")
-    http_port, dicom_port = free_port(), free_port()
+def pacs_node(node_factory: NodeFactory, orthanc_server: Orthanc) -> tuple[Orthanc, Node]:
     node = node_factory(
-        ort_threads=2, priors="pacs", pacs=f"ORTHANC@127.0.0.1:{dicom_port}", prior_wait_seconds=240
+        ort_threads=2,
+        priors="pacs",
+        pacs=f"ORTHANC@127.0.0.1:{orthanc_server.dicom_port}",
+        prior_wait_seconds=240,
     )
-    folder = tmp_path / "orthanc"
-    folder.mkdir()
-    config = {
-        "Name": "pacs-ai-priors",
-        "StorageDirectory": str(folder / "db"),
-        "IndexDirectory": str(folder / "db"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        # pacs-ai's listener: where a C-MOVE to PACSAI sends the study
-        "DicomModalities": {"pacsai": ["PACSAI", "127.0.0.1", node.port]},
-        "Plugins": [],
-        "HttpServerEnabled": True,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        ["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        wait_for(lambda: port_open(http_port) and port_open(dicom_port), 30, what="Orthanc")
-        yield Orthanc(http_port, dicom_port), node
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+    orthanc_server.start(node.port, Name="pacs-ai-priors")
+    return orthanc_server, node
 
 
 @pytest.mark.integration
-@NEEDS_MODELS
+@needs_demo_models
 def test_prior_fetched_from_the_pacs(pacs_node: tuple[Orthanc, Node]) -> None:
     orthanc, node = pacs_node
     before, after = _pair(7_002, 128, 40)
@@ -365,8 +308,7 @@ def test_prior_fetched_from_the_pacs(pacs_node: tuple[Orthanc, Node]) -> None:
     new = _datasets(after, "PACS-PRIOR-7", SECOND, 12)
     old_uid, new_uid = str(old[0].StudyInstanceUID), str(new[0].StudyInstanceUID)
     orthanc.upload(old)  # on the PACS only: pacs-ai never received it
-    node.start("run")
-    wait_for(lambda: port_open(node.port), 60, what="listener")
+    node.start_run()
     assert set(send_datasets(node.port, new)) == {0}
     node.wait_jobs([new_uid], "done", timeout=420)
 

@@ -12,7 +12,6 @@ node, its SR, SEG and key image reach a destination, valid and exactly once.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,24 +20,24 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 
-from testkit.phantoms import generate_chest_ct, phantom_to_datasets
 from tests.conftest import (
     Node,
     NodeFactory,
+    canary_chest_ct,
     db_rows,
+    dciodvfy_errors,
     free_port,
     have,
-    port_open,
+    needs_demo_models,
     send_datasets,
     wait_for,
 )
 from tests.dicom_peers import RecordingSCP, storescp
 from tests.factory import CANARY_ID, CANARY_NAME
-from worker.pipeline.registry import DEMO_MODELS_DIR
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not list(DEMO_MODELS_DIR.glob("*.json")), reason="demo models not built"),
+    needs_demo_models,
     pytest.mark.skipif(not have("storescp"), reason="dcmtk storescp not installed"),
 ]
 
@@ -47,50 +46,22 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 
-def _phantom(seed: int) -> list[Any]:
-    phantom = generate_chest_ct(
-        seed, matrix=128, slices=24, thickness_mm=2.5, nodule=True, nodule_diameter_mm=16.0
-    )
-    return phantom_to_datasets(
-        phantom, shuffle=True, seed=seed, patient_name=CANARY_NAME, patient_id=CANARY_ID
-    )
-
-
-def _start(node: Node) -> None:
-    node.start("run")
-    wait_for(lambda: port_open(node.port), 30, what="listener")
-
-
-def _deliveries(node: Node, *args: str) -> list[dict[str, Any]]:
-    return list(node.json("deliveries", "list", *args))
-
-
 def _settled(node: Node, count: int) -> list[dict[str, Any]] | None:
-    rows = _deliveries(node)
+    rows = node.deliveries()
     if len(rows) == count and all(r["status"] != "pending" for r in rows):
         return rows
     return None
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    """dciodvfy's errors; its warnings are printed (``pytest -s`` shows them)."""
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (out.stdout + out.stderr).splitlines()
-    for line in lines:
-        if line.startswith("Warning"):
-            print(f"dciodvfy {dcmread(path).Modality}: {line}")
-    return [line for line in lines if line.startswith("Error")]
-
-
 def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> None:
-    datasets = _phantom(5_000_011)
+    datasets = canary_chest_ct(5_000_011)
     study_uid = str(datasets[0].StudyInstanceUID)
     dest_port = free_port()
     dest = f"DEST@127.0.0.1:{dest_port}/sr+seg+ki"
     node = node_factory(ort_threads=2, destinations=dest)
     received = tmp_path / "received"
     with storescp(dest_port, received):
-        _start(node)
+        node.start_run(30)
         assert set(send_datasets(node.port, datasets)) == {0}
         node.wait_jobs([study_uid], "done", timeout=120)
         rows = wait_for(lambda: _settled(node, 3), 60, 0.5, what="deliveries settled")
@@ -111,7 +82,7 @@ def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> No
     assert set(objects) == {SR_CLASS, SEG_CLASS, SC_CLASS}
     if have("dciodvfy"):
         for path in objects.values():
-            assert _dciodvfy_errors(path) == [], path.name
+            assert dciodvfy_errors(path) == [], path.name
     sources = {str(ds.SOPInstanceUID): ds for ds in datasets}
     for path in objects.values():
         ds = dcmread(path)
@@ -207,7 +178,7 @@ def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> No
     # the same study into a second node: the same SOP Instance UIDs, nothing new
     node2 = node_factory(ort_threads=2, destinations=dest)
     with storescp(dest_port, received):
-        _start(node2)
+        node2.start_run(30)
         assert set(send_datasets(node2.port, datasets)) == {0}
         node2.wait_jobs([study_uid], "done", timeout=120)
         rows2 = wait_for(lambda: _settled(node2, 3), 60, 0.5, what="deliveries settled")
@@ -221,7 +192,7 @@ def test_results_reach_storescp(node_factory: NodeFactory, tmp_path: Path) -> No
 def test_destination_down_then_up_and_permanent_failure(
     node_factory: NodeFactory, tmp_path: Path
 ) -> None:
-    datasets = _phantom(5_000_013)
+    datasets = canary_chest_ct(5_000_013)
     study_uid = str(datasets[0].StudyInstanceUID)
     late = RecordingSCP(free_port(), "LATE")
     bad = RecordingSCP(free_port(), "BAD", status=0xA900)
@@ -234,12 +205,12 @@ def test_destination_down_then_up_and_permanent_failure(
         dispatch_timeout=5,
     )
     try:
-        _start(node)
+        node.start_run(30)
         assert set(send_datasets(node.port, datasets)) == {0}
         node.wait_jobs([study_uid], "done", timeout=120)
 
         def retrying() -> list[dict[str, Any]] | None:
-            rows = [r for r in _deliveries(node) if r["destination"].startswith("LATE@")]
+            rows = node.deliveries(to="LATE@")
             if len(rows) == 2 and all(
                 r["status"] == "pending" and r["attempts"] >= 2 for r in rows
             ):

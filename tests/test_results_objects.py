@@ -42,7 +42,7 @@ from dicomnode.results import (
 )
 from dicomnode.uids import DEFAULT_UID_ROOT, InvalidUID, derived_uid, validate_uid
 from testkit.phantoms import Nodule, generate_chest_ct, phantom_to_datasets, sample_geometry
-from tests.conftest import have
+from tests.conftest import dciodvfy_errors, have
 from worker.pipeline.volume import load_series
 
 LUNG = CodeSpec("39607008", "SCT", "Lung")
@@ -138,16 +138,6 @@ def _findings(key_uid: str) -> list[Finding]:
             category=ABNORMAL,
         ),
     ]
-
-
-def _dciodvfy(path: Path) -> list[str]:
-    """dciodvfy's errors; its warnings are printed (``pytest -s`` shows them)."""
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (out.stdout + out.stderr).splitlines()
-    for line in lines:
-        if line.startswith("Warning"):
-            print(f"dciodvfy {path.name}: {line}")
-    return [line for line in lines if line.startswith("Error")]
 
 
 # -- UIDs ---------------------------------------------------------------------------
@@ -513,7 +503,7 @@ def test_sr_content_tree(tmp_path: Path) -> None:
     assert vol.get_measurements()[0].value == pytest.approx(2512.5)
     assert vol.referenced_segment is not None
     if have("dciodvfy"):
-        assert _dciodvfy(path) == []
+        assert dciodvfy_errors(path) == []
     if have("dsr2html"):
         html = _dsr2html(path)
         for text in (
@@ -610,7 +600,7 @@ def test_sr_draws_every_finding(tmp_path: Path, nodules: int) -> None:
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     if have("dciodvfy"):
-        assert _dciodvfy(path) == []
+        assert dciodvfy_errors(path) == []
 
 
 def _component_at(mask: np.ndarray, graphic_data: Any) -> np.ndarray:
@@ -744,7 +734,7 @@ def test_seg_frames_reference_the_right_slices(tmp_path: Path, order: str) -> No
     }
     assert seen == expected
     if have("dciodvfy"):
-        assert _dciodvfy(path) == []
+        assert dciodvfy_errors(path) == []
 
 
 def test_key_image(tmp_path: Path) -> None:
@@ -787,7 +777,7 @@ def test_key_image(tmp_path: Path) -> None:
     path = tmp_path / "ki.dcm"
     ki.save_as(path, enforce_file_format=True)
     if have("dciodvfy"):
-        assert _dciodvfy(path) == []
+        assert dciodvfy_errors(path) == []
 
 
 def _assert_key_image_layout(pixels: np.ndarray) -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +45,7 @@ from db.repo import (
 )
 from db.session import dispose_all, session_scope
 from dicomnode.uids import relative_instance_path
-from tests.conftest import REPO, free_port, wait_for
+from tests.conftest import cli_env, free_port, run_cli, wait_for
 from worker.admin.api import create_app
 from worker.scheduling.retention import outbox_study_dir, prune_interval, prune_once, safe_path
 from worker.settings import Settings
@@ -435,7 +433,7 @@ def test_readyz_and_metrics_below_the_watermark(sqlite_settings: Settings) -> No
 def test_dashboard_shows_the_disk_warning() -> None:
     from importlib import resources
 
-    static = resources.files("worker").joinpath("static")
+    static = resources.files("worker.admin").joinpath("static")
     assert 'id="disk-warning"' in static.joinpath("dashboard.html").read_text()
     js = static.joinpath("dashboard.js").read_text()
     assert "renderStorage(ready.body.storage)" in js and "below_watermark" in js
@@ -444,40 +442,23 @@ def test_dashboard_shows_the_disk_warning() -> None:
 # -- the CLI -------------------------------------------------------------------------
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-
-
 def test_cli_prune_studies_list_and_reprocess(sqlite_settings: Settings) -> None:
     settings = sqlite_settings.model_copy(update={"retention_hours": 0.0002})  # 0.72 s
     study = seed(settings, "1.2.840.14")
     kept = seed(settings, "1.2.840.15", deliveries=("sent", "pending"))
     time.sleep(1.0)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AI_")}
-    env.update(
-        PACS_AI_DATA_DIR=str(settings.data_dir),
-        PACS_AI_RETENTION_HOURS="0.0002",
-        PACS_AI_BROKER_URL="memory://",
-        PYTHONPATH=str(REPO),
-    )
-    dry = _cli(env, "prune", "--dry-run", "--json")
+    env = cli_env(data_dir=settings.data_dir, retention_hours="0.0002", broker_url="memory://")
+    dry = run_cli(env, "prune", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     body = json.loads(dry.stdout)
     assert body["dry_run"] is True and body["retention_hours"] == 0.0002
     assert [s["study_instance_uid"] for s in body["studies"]] == [study.uid]
     assert body["files"] == 4 and body["bytes"] == 1000 + 1001 + 1002 + 500
     assert all(p.is_file() for p in study.files + study.outbox)
-    text = _cli(env, "prune", "--dry-run")
+    text = run_cli(env, "prune", "--dry-run")
     assert f"would prune study {study.uid}: 4 files, 3503 bytes" in text.stdout
 
-    done = _cli(env, "prune", "--json")
+    done = run_cli(env, "prune", "--json")
     assert done.returncode == 0, done.stderr
     body = json.loads(done.stdout)
     assert body["dry_run"] is False
@@ -485,18 +466,18 @@ def test_cli_prune_studies_list_and_reprocess(sqlite_settings: Settings) -> None
     assert not any(p.exists() for p in study.files + study.outbox)
     assert all(p.is_file() for p in kept.files + kept.outbox)
 
-    listed = json.loads(_cli(env, "studies", "list", "--json").stdout)
+    listed = json.loads(run_cli(env, "studies", "list", "--json").stdout)
     by_uid = {s["study_instance_uid"]: s for s in listed}
     assert by_uid[study.uid]["pruned_at"] is not None
     assert by_uid[kept.uid]["pruned_at"] is None
 
-    refused = _cli(env, "reprocess", "--study", study.uid, "--no-wait")
+    refused = run_cli(env, "reprocess", "--study", study.uid, "--no-wait")
     assert refused.returncode == 1
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "pruned by retention" in lines[0], refused.stderr
     assert "Traceback" not in refused.stderr
 
-    off = _cli({**env, "PACS_AI_RETENTION_HOURS": "0"}, "prune")
+    off = run_cli({**env, "PACS_AI_RETENTION_HOURS": "0"}, "prune")
     assert off.returncode == 0 and "retention is off" in off.stdout
 
 
@@ -509,7 +490,7 @@ def test_end_to_end_delivered_study_is_pruned(node_factory: Any, tmp_path: Path)
     once the retention is set, ``prune --dry-run`` lists it and the listener's
     scheduler prunes it when it starts."""
     from testkit.phantoms import generate_chest_ct, phantom_to_datasets
-    from tests.conftest import port_open, send_datasets
+    from tests.conftest import send_datasets
     from tests.dicom_peers import RecordingSCP
     from worker.pipeline.registry import DEMO_MODELS_DIR
 
@@ -519,8 +500,7 @@ def test_end_to_end_delivered_study_is_pruned(node_factory: Any, tmp_path: Path)
     destination.start()
     try:
         node = node_factory(ort_threads=2, destinations=f"DEST@127.0.0.1:{destination.port}/sr+seg")
-        node.start("run")
-        wait_for(lambda: port_open(node.port), 60, what="listener")
+        node.start_run()
         phantom = generate_chest_ct(
             777, matrix=128, slices=24, thickness_mm=2.5, nodule=True, nodule_diameter_mm=16.0
         )
@@ -532,7 +512,7 @@ def test_end_to_end_delivered_study_is_pruned(node_factory: Any, tmp_path: Path)
         summary = next(j for j in node.jobs() if j["study_instance_uid"] == uid)["summary"]
 
         def delivered() -> list[dict[str, Any]] | None:
-            rows = node.json("deliveries", "list", "--study", uid)
+            rows = node.deliveries("--study", uid)
             return rows if rows and all(r["status"] == "sent" for r in rows) else None
 
         rows = wait_for(delivered, 90, 0.5, what=f"results delivered (job summary {summary})")

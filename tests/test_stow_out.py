@@ -47,7 +47,14 @@ from dicomnode.protocols import (
 )
 from dicomnode.protocols.cstore import CStoreDestination
 from dicomnode.protocols.stow import StowDestination, interpret
-from tests.conftest import NodeFactory, free_port, have, port_open, send_datasets, wait_for
+from tests.conftest import (
+    NodeFactory,
+    canary_chest_ct,
+    free_port,
+    have,
+    send_datasets,
+    wait_for,
+)
 from worker.delivery.dispatch import dispatch_deliveries
 from worker.settings import Settings, SettingsError, load_settings
 
@@ -601,74 +608,25 @@ def _orthanc_e2e_ready() -> str:
 def test_node_delivers_sr_and_seg_to_orthanc_by_stow_rs(
     tmp_path: Path, node_factory: NodeFactory
 ) -> None:
-    from testkit.phantoms import generate_chest_ct, phantom_to_datasets
-    from tests.factory import CANARY_ID, CANARY_NAME
     from tests.viewer import OrthancWeb
 
-    class SecuredOrthanc(OrthancWeb):
-        """tests.viewer's Orthanc with HTTP Basic authentication on (user alice)."""
-
-        def start(self, modalities: dict[str, list[Any]] | None = None) -> None:
-            import subprocess
-
-            from tests.viewer import DICOMWEB_PLUGIN
-
-            self.folder.mkdir(parents=True, exist_ok=True)
-            config = {
-                "Name": "pacs-ai-stow-test",
-                "StorageDirectory": str(self.folder / "db"),
-                "IndexDirectory": str(self.folder / "db"),
-                "HttpPort": self.http_port,
-                "DicomPort": self.dicom_port,
-                "RemoteAccessAllowed": False,
-                "AuthenticationEnabled": True,
-                "RegisteredUsers": {"alice": SECRET},
-                "Plugins": [str(DICOMWEB_PLUGIN)],
-                "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"},
-            }
-            (self.folder / "orthanc.json").write_text(json.dumps(config))
-            with open(self.folder / "orthanc.log", "wb") as log:
-                self._proc = subprocess.Popen(
-                    ["Orthanc", str(self.folder / "orthanc.json")],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            wait_for(lambda: port_open(self.http_port), 30, what="Orthanc")
-
-        def call(self, method: str, path: str, body: bytes | None = None) -> Any:
-            import http.client
-
-            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=120)
-            auth = base64.b64encode(f"alice:{SECRET}".encode()).decode()
-            try:
-                conn.request(method, path, body=body, headers={"Authorization": f"Basic {auth}"})
-                rsp = conn.getresponse()
-                data = rsp.read()
-                assert rsp.status < 400, f"Orthanc {method} {path}: {rsp.status}"
-            finally:
-                conn.close()
-            return json.loads(data) if data else None
-
-    orthanc = SecuredOrthanc(tmp_path / "orthanc")
-    orthanc.start()
+    # HTTP Basic authentication on (user alice)
+    orthanc = OrthancWeb(tmp_path / "orthanc", "pacs-ai-stow-test")
+    auth = base64.b64encode(f"alice:{SECRET}".encode()).decode()
+    orthanc.headers["Authorization"] = f"Basic {auth}"
+    orthanc.start(AuthenticationEnabled=True, RegisteredUsers={"alice": SECRET})
     try:
         url = f"stow+http://alice:{SECRET}@127.0.0.1:{orthanc.http_port}/dicom-web#sr+seg"
         node = node_factory(ort_threads=2, destinations=url, dispatch_timeout=30)
-        phantom = generate_chest_ct(
-            5_100_031, matrix=128, slices=24, thickness_mm=2.5, nodule=True, nodule_diameter_mm=16
-        )
-        datasets = phantom_to_datasets(
-            phantom, shuffle=True, seed=5_100_031, patient_name=CANARY_NAME, patient_id=CANARY_ID
-        )
+        datasets = canary_chest_ct(5_100_031)
         study_uid = str(datasets[0].StudyInstanceUID)
         orthanc.upload(datasets)  # the PACS has the study ...
-        node.start("run")
-        wait_for(lambda: port_open(node.port), 60, what="listener")
+        node.start_run()
         assert set(send_datasets(node.port, datasets)) == {0}  # ... and sends it to pacs-ai
         node.wait_jobs([study_uid], "done", timeout=180)
 
         def delivered() -> list[dict[str, Any]] | None:
-            rows = node.json("deliveries", "list")
+            rows = node.deliveries()
             return rows if rows and all(r["status"] == "sent" for r in rows) else None
 
         rows = wait_for(delivered, 60, 0.5, what="deliveries sent by STOW-RS")

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,27 +31,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from pydicom.dataset import Dataset
 
-from tests.conftest import free_port, port_open, wait_for
+from tests.conftest import CHROMEDRIVER, CHROMIUM, Orthanc, free_port, headless_chromium
 
 OHIF_VERSION = "3.13.2"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-#: Chromium as root in a container: no sandbox, no GPU, no network of its own.
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1600,1000",
-)
 
 
 def ohif_dist() -> Path:
@@ -97,70 +79,16 @@ def require_viewer() -> None:
 # -- Orthanc with DICOMweb -------------------------------------------------------------
 
 
-class OrthancWeb:
-    """A private Orthanc with the DICOMweb plugin, on free ports."""
+class OrthancWeb(Orthanc):
+    """A private Orthanc with the DICOMweb plugin (at ``/dicom-web``), on free ports."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.http_port = free_port()
-        self.dicom_port = free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, folder: Path, name: str = "pacs-ai-viewer-test") -> None:
+        super().__init__(folder, name)
 
-    def start(self, modalities: dict[str, list[Any]] | None = None) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "pacs-ai-viewer-test",
-            "StorageDirectory": str(self.folder / "db"),
-            "IndexDirectory": str(self.folder / "db"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "DicomModalities": modalities or {},
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"},
-            "HttpServerEnabled": True,
-            "StableAge": 1,
-        }
-        (self.folder / "orthanc.json").write_text(json.dumps(config))
-        log = open(self.folder / "orthanc.log", "wb")  # noqa: SIM115 - the child keeps its copy
-        self._proc = subprocess.Popen(
-            ["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        wait_for(
-            lambda: port_open(self.http_port) and port_open(self.dicom_port), 30, what="Orthanc"
-        )
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-            self._proc = None
-
-    def call(self, method: str, path: str, body: bytes | None = None) -> Any:
-        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=120)
-        try:
-            conn.request(method, path, body=body)
-            rsp = conn.getresponse()
-            data = rsp.read()
-            if rsp.status >= 400:
-                raise AssertionError(f"Orthanc {method} {path}: {rsp.status} {data[:200]!r}")
-        finally:
-            conn.close()
-        return json.loads(data) if data else None
-
-    def upload(self, datasets: list[Dataset]) -> None:
-        for ds in datasets:
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            self.call("POST", "/instances", buf.getvalue())
+    def start(self, pacs_ai_port: int | None = None, **config: Any) -> None:
+        dicomweb = {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"}
+        settings = {"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": dicomweb, "StableAge": 1}
+        super().start(pacs_ai_port, **{**settings, **config})
 
     def series_of(self, study_uid: str) -> list[dict[str, Any]]:
         """QIDO-RS series of a study, as DICOM JSON."""
@@ -317,23 +245,11 @@ class ViewerServer:
 
 @contextmanager
 def chromium(profile: Path) -> Iterator[Any]:
-    """Headless Chromium (Debian's, never a downloaded one) with a fresh profile."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
+    """Headless Chromium with a fresh profile, keeping the page's console messages."""
     profile.mkdir(parents=True, exist_ok=True)
-    options.add_argument(f"--user-data-dir={profile}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.implicitly_wait(0)
-    try:
+    flags = (f"--user-data-dir={profile}", "--window-size=1600,1000")
+    with headless_chromium(*flags, console_log=True) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def screenshot(driver: Any, path: Path) -> Path:
