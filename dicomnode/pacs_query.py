@@ -110,6 +110,35 @@ def query_counts(
     return None
 
 
+def open_association(
+    peer: QueryPeer,
+    calling_ae: str,
+    context: Any,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    set_up_timeout: float | None = None,
+) -> Any:
+    """An association with the PACS for one presentation context; QueryFailed
+    (naming the peer, never a query value) when there is none. pynetdicom is told
+    never to log query or response identifiers: they hold patient data."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    ae = AE(ae_title=calling_ae)
+    set_up = timeout if set_up_timeout is None else set_up_timeout
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = set_up
+    ae.dimse_timeout = timeout
+    ae.add_requested_context(context)
+    tls_args = (ssl_context, peer.host) if peer.tls and ssl_context is not None else None
+    if peer.tls and tls_args is None:
+        raise QueryFailed("TLS needs a client context")
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise QueryFailed(f"{peer.name} rejected the association")
+        raise QueryFailed(f"no association with {peer.name} (refused, unreachable or timed out)")
+    return assoc
+
+
 def _query(
     peer: QueryPeer,
     study_uid: str,
@@ -117,21 +146,9 @@ def _query(
     timeout: float,
     ssl_context: ssl.SSLContext | None,
 ) -> PacsCounts | None:
-    # never log a query or response identifier (a PACS may return patient data)
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    tls_args = (ssl_context, peer.host) if peer.tls and ssl_context is not None else None
-    if peer.tls and tls_args is None:
-        raise QueryFailed("TLS needs a client context")
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            raise QueryFailed("association rejected")
-        raise QueryFailed("no association (refused, unreachable or timed out)")
+    assoc = open_association(
+        peer, calling_ae, StudyRootQueryRetrieveInformationModelFind, timeout, ssl_context
+    )
     try:
         study = Dataset()
         study.QueryRetrieveLevel = "STUDY"

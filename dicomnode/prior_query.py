@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
 from dicomnode.identity import clean, parse_date
-from dicomnode.pacs_query import QueryPeer
+from dicomnode.pacs_query import QueryFailed, QueryPeer, open_association
 from dicomnode.uids import InvalidUID, validate_uid
 
 log = logging.getLogger(__name__)
@@ -73,24 +72,12 @@ def _association(
     timeout: float,
     ssl_context: ssl.SSLContext | None,
 ) -> Any:
-    # never log a query or response identifier: they hold the PatientID
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = min(timeout, 30.0)
-    ae.dimse_timeout = timeout
-    ae.add_requested_context(context)
-    tls_args = (ssl_context, peer.host) if peer.tls and ssl_context is not None else None
-    if peer.tls and tls_args is None:
-        raise PriorQueryFailed("TLS needs a client context")
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            raise PriorQueryFailed(f"{peer.name} rejected the association")
-        raise PriorQueryFailed(
-            f"no association with {peer.name} (refused, unreachable or timed out)"
+    try:
+        return open_association(
+            peer, calling_ae, context, timeout, ssl_context, set_up_timeout=min(timeout, 30.0)
         )
-    return assoc
+    except QueryFailed as exc:
+        raise PriorQueryFailed(str(exc)) from None
 
 
 def _status(status: Any) -> int | None:
