@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -71,12 +72,41 @@ def _send_and_check(node, tmp_path: Path) -> None:
         assert canary not in logs
 
 
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _all_gone(procs: list[psutil.Process]) -> bool:
+    return not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 def test_embedded_mode(node_factory: NodeFactory, tmp_path: Path) -> None:
     node = node_factory()
-    node.start("run")
+    run = node.start("run")
     wait_for(lambda: port_open(node.port), 30, what="listener")
     _send_and_check(node, tmp_path)
-    assert node.stop("run") == 0  # clean shutdown on SIGTERM
+    parts = _descendants(run.pid)
+    assert len(parts) >= 4  # listener(s), inference worker, dispatcher, API
+    # SIGTERM to the whole process group, as Ctrl-C or `kill -- -PGID` sends it
+    rc = node.stop("run", timeout=60)
+    stops = [line for line in node.logs().splitlines() if "stopped" in line or "killing" in line]
+    assert rc == 0, stops  # clean shutdown on SIGTERM, nothing killed
+    assert not [line for line in stops if "killing" in line], stops
+    wait_for(lambda: _all_gone(parts), 10, what="every part of the node to end")
+
+
+def test_parts_end_with_a_killed_supervisor(node_factory: NodeFactory) -> None:
+    """`pacs-ai run` SIGKILLed (OOM killer): no listener keeps the port, no worker
+    keeps jobs; a new `run` can start at once."""
+    node = node_factory()
+    run = node.start("run")
+    wait_for(lambda: port_open(node.port), 30, what="listener")
+    wait_for(lambda: len(_descendants(run.pid)) >= 4, 30, what="the node's parts")
+    parts = _descendants(run.pid)
+    run.kill()  # the supervisor alone, not its process group
+    run.wait(10)
+    wait_for(lambda: _all_gone(parts), 30, what="the parts to end with their supervisor")
+    assert not port_open(node.port)
 
 
 def test_production_mode(

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, ge=1)
     # a running job's lease, renewed every quarter of it by the job's heartbeat
     job_lease_seconds: float = Field(default=60.0, ge=2, le=3600)
+    # `pacs-ai run`: how long a part may take to stop on SIGTERM before it is killed
+    stop_grace_seconds: float = Field(default=20.0, ge=1, le=600)
     models_dir: Path | None = None
     ort_threads: int = Field(default=0, ge=0, le=256)
     ort_providers: str = "CPUExecutionProvider"

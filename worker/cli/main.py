@@ -218,15 +218,20 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """An extra listener process ends with the one that started it (Linux)."""
+def _parent_death_signal() -> None:
+    """Ask the kernel for SIGTERM when our parent dies (Linux; elsewhere a no-op)."""
     import ctypes
     import ctypes.util
 
-    parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _die_with_parent() -> None:
+    """An extra listener process ends with the one that started it (Linux)."""
+    parent = os.getppid()
+    _parent_death_signal()
     if os.getppid() != parent:  # pragma: no cover - the parent died meanwhile
         raise SystemExit(0)
 
@@ -365,7 +370,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         if name != "listener":
             # one process can serve PACS_AI_METRICS_PORT; the API serves them all anyway
             env.pop("PACS_AI_METRICS_PORT", None)
-        procs[name] = subprocess.Popen(specs[name], env=env)
+        # Each part in its own process group, so that a signal to ours (Ctrl-C in
+        # a terminal, `kill -- -PGID`) reaches the parts only through us: Celery's
+        # pool children hit directly by SIGTERM can leave their parent's warm
+        # shutdown waiting forever. The part still ends when we die (SIGKILL).
+        procs[name] = subprocess.Popen(
+            specs[name], env=env, start_new_session=True, preexec_fn=_parent_death_signal
+        )
         log.info("started %s (pid %d)", name, procs[name].pid)
 
     def handler(signum: int, _frame: Any) -> None:
@@ -405,12 +416,23 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for proc in procs.values():
+    # each part stops on its own within a few seconds (a running job is left
+    # to the lease and requeued); whatever is still there after the grace
+    # period is killed, so a stop never takes longer than an init system waits
+    started = time.monotonic()
+    deadline = started + settings.stop_grace_seconds
+    for name, proc in procs.items():
         try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            log.info("%s stopped (status %s) after %.1f s", name, rc, time.monotonic() - started)
         except subprocess.TimeoutExpired:
+            log.warning(
+                "%s still running %.0f s after SIGTERM; killing it",
+                name,
+                settings.stop_grace_seconds,
+            )
             proc.kill()
+            proc.wait(5)
     log.info("pacs-ai stopped")
     return exit_code
 
