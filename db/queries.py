@@ -34,8 +34,9 @@ def list_studies(
     study_uid: str | None = None,
     accession_key: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Studies, newest first. ``findings``: the present findings of the study's
-    stored results (the code meanings, sorted). ``accession_key``: only the
+    """Studies, newest first. ``patient``: the first 16 hex digits of the
+    study's patient key (None without one). ``findings``: the present findings
+    of the study's stored results (the code meanings, sorted). ``accession_key``: only the
     studies with that keyed hash of their accession number
     (:meth:`dicomnode.identity.IdentityKeys.accession_key`)."""
     counts = (
@@ -93,6 +94,9 @@ def list_studies(
         out.append(
             {
                 "study_instance_uid": study.study_instance_uid,
+                # a pseudonymous handle of the patient (the keyed hash's first 16 hex
+                # digits): links a patient's studies, never reveals who it is
+                "patient": study.patient_key[:16] if study.patient_key else None,
                 "modalities": sorted(modalities.get(study.id, ())),
                 "num_series": int(num_series or 0),
                 "num_instances": int(num_instances or 0),
@@ -729,3 +733,56 @@ def delivered_series(session: Session, study_id: int) -> list[str]:
 def ping(connection: Connection) -> None:
     """Run ``SELECT 1``: raises when the database does not answer."""
     connection.execute(text("SELECT 1"))
+
+
+# -- patient trend --------------------------------------------------------------------
+
+
+def patient_trend_rows(session: Session, patient_prefix: str) -> list[dict[str, Any]]:
+    """The studies whose patient key starts with ``patient_prefix`` (lowercase hex,
+    checked by the caller), oldest StudyDate first (undated ones last), each with
+    ``study_instance_uid``, ``study_date``, ``patient_key`` (for the caller to tell
+    one patient from several; never to show) and ``results``: its segmentation
+    results' ``model``, ``kind``, ``finding``, ``finding_code_value`` and
+    ``measurements``."""
+    studies = session.execute(
+        select(Study.id, Study.study_instance_uid, Study.study_date, Study.patient_key)
+        .where(Study.patient_key.startswith(patient_prefix, autoescape=True))
+        .order_by(
+            case((Study.study_date.is_(None), 1), else_=0),
+            Study.study_date,
+            Study.received_at,
+            Study.id,
+        )
+    ).all()
+    results: dict[int, list[dict[str, Any]]] = {int(row[0]): [] for row in studies}
+    for sid, model, kind, finding, code, meas in session.execute(
+        select(
+            Result.study_id,
+            Result.model,
+            Result.kind,
+            Result.finding,
+            Result.finding_code_value,
+            Result.measurements,
+        )
+        .where(Result.study_id.in_(list(results)), Result.kind == "segmentation")
+        .order_by(Result.model, Result.finding, Result.id)
+    ):
+        results[int(sid)].append(
+            {
+                "model": str(model),
+                "kind": str(kind),
+                "finding": str(finding),
+                "finding_code_value": str(code),
+                "measurements": dict(meas or {}),
+            }
+        )
+    return [
+        {
+            "study_instance_uid": str(uid),
+            "study_date": date,
+            "patient_key": str(key),
+            "results": results[int(sid)],
+        }
+        for sid, uid, date, key in studies
+    ]

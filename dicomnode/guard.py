@@ -89,8 +89,9 @@ class GuardConfig:
     min_free_bytes: int = 0
     #: where C-STORE data sets are received (the storage's incoming folder)
     temp_dir: Path | None = None
-    #: share the port with other listener processes (SO_REUSEPORT)
-    reuse_port: bool = False
+    #: the listening socket is shared with other listener processes: accept
+    #: without blocking, and leave a new connection to a less busy process
+    shared_accept: bool = False
 
     @property
     def max_pending_per_host(self) -> int:
@@ -205,6 +206,11 @@ class ConnectionGuard:
             evict.cut()
         return conn
 
+    def active(self) -> int:
+        """Connections open now (associated or not)."""
+        with self._lock:
+            return sum(1 for c in self._conns if not c.closed)
+
     def try_establish(self, conn: Connection) -> bool:
         """Reserve an association slot; False when a limit is reached."""
         with self._lock:
@@ -285,9 +291,17 @@ class GuardedServer(ThreadedAssociationServer):
     guard: ConnectionGuard
     limits: GuardConfig
 
-    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        guard: ConnectionGuard,
+        inherited: socket.socket | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.guard = guard
         self.limits = guard.config
+        #: a listening socket made by the first listener process (shared accept)
+        self._inherited = inherited
         #: connections admitted at accept, until their handler thread takes them
         self._pending_conn: dict[int, Connection] = {}
         kwargs["request_handler"] = GuardedRequestHandler
@@ -295,14 +309,32 @@ class GuardedServer(ThreadedAssociationServer):
         self.daemon_threads = True
 
     def server_bind(self) -> None:
-        if self.limits.reuse_port:
-            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self._inherited is None:
+            super().server_bind()
+            return
+        cast(socket.socket, self.socket).close()  # the one socketserver made
+        self.socket = self._inherited
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._inherited is None:
+            super().server_activate()
+        if self.limits.shared_accept:
+            cast(socket.socket, self.socket).setblocking(False)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # no handshake here: pynetdicom does it on the accepting thread, where
         # one silent peer on the TLS port would stall every other connection
         self.socket = cast(socket.socket, self.socket)
+        if self.limits.shared_accept:
+            # Every process sharing the socket is woken by a new connection; a
+            # busy one waits a little before it tries, so that an idle one takes
+            # it (the kernel's SO_REUSEPORT hash would put 3 of 4 senders on one
+            # process half the time). The loser's accept finds nothing: EAGAIN,
+            # an OSError that socketserver ignores.
+            busy = self.guard.active()
+            if busy:
+                time.sleep(min(0.2, 0.02 * busy))
         client, address = self.socket.accept()
         client.settimeout(self.limits.association_timeout)
         with contextlib.suppress(OSError):

@@ -10,6 +10,7 @@ instance is durable and recorded. Nothing heavy runs on the association thread.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import tempfile
 import threading
@@ -87,8 +88,12 @@ class ListenerConfig:
     tls_key: Path | None = None
     #: CA bundle that client certificates must chain to (verification on)
     tls_ca: Path | None = None
-    #: SO_REUSEPORT: several listener processes share the ports
-    reuse_port: bool = False
+    #: several listener processes accept on the same listening sockets
+    shared_accept: bool = False
+    #: listening sockets (file descriptors) made by the first listener process
+    #: and inherited by this one: used instead of binding ``port``/``tls_port``
+    plain_fd: int | None = None
+    tls_fd: int | None = None
     #: patient linkage and identifiers at rest (dicomnode/identity.py); None: none recorded
     identity_keys: IdentityKeys | None = None
 
@@ -104,7 +109,7 @@ class ListenerConfig:
             storage_root=self.storage_root,
             min_free_bytes=self.min_free_mb * 1024 * 1024,
             temp_dir=temp_dir,
-            reuse_port=self.reuse_port,
+            shared_accept=self.shared_accept,
         )
 
 
@@ -219,9 +224,9 @@ class StorageSCP:
         ae = self._make_ae()
         try:
             if cfg.port:
-                self._server = self._serve(ae, cfg.port, None)
+                self._server = self._serve(ae, cfg.port, None, cfg.plain_fd)
             if cfg.tls_port:
-                self._tls_server = self._serve(ae, cfg.tls_port, self._ssl_context())
+                self._tls_server = self._serve(ae, cfg.tls_port, self._ssl_context(), cfg.tls_fd)
         except BaseException:
             self.stop()
             raise
@@ -237,8 +242,11 @@ class StorageSCP:
         assert server is not None
         return server
 
-    def _serve(self, ae: AE, port: int, ctx: ssl.SSLContext | None) -> guard.GuardedServer:
+    def _serve(
+        self, ae: AE, port: int, ctx: ssl.SSLContext | None, fd: int | None
+    ) -> guard.GuardedServer:
         assert self._guard is not None
+        inherited = socket.socket(fileno=fd) if fd is not None else None
         server = cast(
             guard.GuardedServer,
             ae.make_server(
@@ -249,6 +257,7 @@ class StorageSCP:
                 evt_handlers=self.handlers(),
                 server_class=guard.GuardedServer,
                 guard=self._guard,
+                inherited=inherited,
             ),
         )
         thread = threading.Thread(
@@ -260,6 +269,15 @@ class StorageSCP:
 
     def _ssl_context(self) -> ssl.SSLContext:
         return make_tls_context(self.config.tls_cert, self.config.tls_key, self.config.tls_ca)
+
+    def listening_fds(self) -> dict[str, int]:
+        """The listening sockets' descriptors (``plain``, ``tls``), for the other
+        listener processes to accept on (shared accept)."""
+        return {
+            name: server.socket.fileno()
+            for name, server in (("plain", self._server), ("tls", self._tls_server))
+            if server is not None and server.socket is not None
+        }
 
     @property
     def port(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -22,7 +23,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
 
+from db.models import Job, Result, Study
 from db.repo import InstanceRecord
+from db.session import session_scope
 from dicomnode.uids import relative_instance_path, uid_digest
 from tests.factory import CANARY_ID, CANARY_NAME
 from worker.settings import DEMO_MODELS_DIR
@@ -627,3 +630,70 @@ def scu_sends_any_uid() -> Iterator[None]:
         yield
     finally:
         _config.VALIDATORS["UI"] = saved
+
+
+# -- processed studies, straight into the database ------------------------------------
+
+SEG_MODEL_NAME = "chest-ct-lung-seg"
+
+
+def nodule_component(volume: float) -> dict[str, Any]:
+    return {"volume_ml": volume, "max_diameter_mm": 10.0, "centroid_mm": None}
+
+
+def add_processed_study(
+    url: str, uid: str, patient: str | None, date: dt.date | None, volumes: list[float]
+) -> tuple[int, list[dict[str, Any]]]:
+    """A processed study (its job done) in the database at ``url``: a nodule
+    result with one component per volume, a lung result (no components) and a
+    classification result; returns its id and its nodule record (for priors)."""
+    with session_scope(url) as session:
+        study = Study(study_instance_uid=uid, patient_key=patient, study_date=date)
+        session.add(study)
+        session.flush()
+        job = Job(study_id=study.id, status="done")
+        session.add(job)
+        session.flush()
+        common: dict[str, Any] = {
+            "model": SEG_MODEL_NAME,
+            "model_version": "1",
+            "model_sha256": "0" * 64,
+            "series_instance_uid": uid + ".1",
+        }
+        nodule: dict[str, Any] = {
+            **common,
+            "kind": "segmentation",
+            "finding_code_value": "N",
+            "finding_code_scheme": "SCT",
+            "finding": "Lung nodule",
+            "label_value": 2,
+            "present": True,
+            "measurements": {
+                "volume_ml": sum(volumes),
+                "count": len(volumes),
+                "components": [nodule_component(v) for v in volumes],
+            },
+        }
+        lung = {
+            **common,
+            "kind": "segmentation",
+            "finding_code_value": "L",
+            "finding_code_scheme": "SCT",
+            "finding": "Lung",
+            "label_value": 1,
+            "present": True,
+            "measurements": {"volume_ml": 4200.0},
+        }
+        score = {
+            **common,
+            "model": "chest-ct-nodule-cls",
+            "kind": "classification",
+            "finding_code_value": "N",
+            "finding_code_scheme": "SCT",
+            "finding": "Lung nodule",
+            "probability": 0.9,
+            "present": True,
+        }
+        for row in (nodule, lung, score):
+            session.add(Result(study_id=study.id, job_id=job.id, **row))
+        return study.id, [nodule]

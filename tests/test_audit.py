@@ -184,3 +184,21 @@ def test_every_cli_command_is_audited(tmp_path: Path) -> None:
     assert len(_audit(url)) == len(commands) + 1
     assert "ACC-SECRET-2" not in _all_text(url)
     dispose_all()
+
+
+@pytest.mark.parametrize(
+    ("argv", "action"),
+    [
+        (["patients", "trend", "abcdefabcdefabcd"], "patients trend"),  # a handle of letters
+        (["studies", "list", "--accession", "abc"], "studies list --accession"),
+        (["run"], "run"),
+        (["export", "--study", "1.2.3", "--deidentify=out"], "export --study --deidentify"),
+    ],
+)
+def test_cli_record_keeps_command_words_not_values(argv: list[str], action: str) -> None:
+    import argparse
+
+    from worker.cli.audit import cli_entry
+
+    entry = cli_entry(argparse.Namespace(), argv, 0)
+    assert entry.action == action

@@ -27,6 +27,7 @@ from tests.conftest import (
     Node,
     NodeFactory,
     Orthanc,
+    add_processed_study,
     db_rows,
     dciodvfy_errors,
     free_port,
@@ -91,7 +92,7 @@ def test_nodules_matched_by_nearest_centroid() -> None:
 
 def test_prior_stored_after_its_follow_up_is_caught_up(tmp_path: Path) -> None:
     from db.migrate import upgrade
-    from db.models import Job, Result, Study
+    from db.models import Result, Study
     from db.session import dispose_all, session_scope
     from worker.results.priors import attach_priors
     from worker.settings import load_settings
@@ -101,35 +102,16 @@ def test_prior_stored_after_its_follow_up_is_caught_up(tmp_path: Path) -> None:
     settings = load_settings(data_dir=tmp_path, database_url=url)
 
     def study(uid: str, patient: str | None, date: dt.date, volume: float) -> tuple[int, Any]:
-        with session_scope(url) as session:
-            row = Study(study_instance_uid=uid, patient_key=patient, study_date=date)
-            session.add(row)
-            session.flush()
-            job = Job(study_id=row.id, status="done")
-            session.add(job)
-            session.flush()
-            record: dict[str, Any] = {
-                "model": SEG_MODEL,
-                "model_version": "1",
-                "model_sha256": "0" * 64,
-                "kind": "segmentation",
-                "finding_code_value": "N",
-                "finding_code_scheme": "SCT",
-                "finding": "Lung nodule",
-                "label_value": 2,
-                "present": True,
-                "series_instance_uid": uid + ".1",
-                "measurements": {"volume_ml": volume, "components": [_comp(volume)]},
-            }
-            session.add(Result(study_id=row.id, job_id=job.id, **record))
-            return row.id, record
+        study_id, (nodule,) = add_processed_study(url, uid, patient, date, [volume])
+        return study_id, nodule
 
     def stored(uid: str) -> Any:
         with session_scope(url) as session:
             return (
                 session.query(Result.measurements)
                 .join(Study, Study.id == Result.study_id)
-                .filter(Study.study_instance_uid == uid)
+                .filter(Study.study_instance_uid == uid, Result.finding == "Lung nodule")
+                .filter(Result.kind == "segmentation")
                 .scalar()
                 .get("prior", "missing")
             )

@@ -43,6 +43,7 @@ from worker import metrics
 from worker.admin.audit import AuditMiddleware, note_studies
 from worker.admin.tokens import Role, TokenCheck
 from worker.admin.webguard import WebGuard, allowed_hosts
+from worker.services import patients
 from worker.services import studies as service
 from worker.services.studies import DeliveryFilter, ResultFilter
 from worker.settings import Settings, SettingsError
@@ -449,6 +450,26 @@ def create_app(settings: Settings) -> FastAPI:
             out["results"] = queries.list_results(session, study_uid=study_uid)
             out["deliveries"] = queries.list_deliveries(session, study_uid=study_uid)
         return out
+
+    @app.get(
+        "/api/patients/{patient}/trend",
+        tags=["studies"],
+        summary="one patient's nodule volumes over time, by the patient handle "
+        "(a study's `patient`; no identifiers)",
+        responses={
+            400: {"description": "not a patient handle (8-64 lowercase hex), or ambiguous"},
+            404: {"description": "no study has this patient handle"},
+        },
+    )
+    def patient_trend(patient: str, _: Read, request: Request) -> dict[str, Any]:
+        try:
+            trend = patients.patient_trend(settings, patient)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        note_studies(request, [s["study_instance_uid"] for s in trend["studies"]])
+        return trend
 
     @app.get("/api/jobs", tags=["jobs"], summary="jobs, newest first")
     def jobs(

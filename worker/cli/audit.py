@@ -46,8 +46,12 @@ def cli_entry(args: argparse.Namespace, argv: Sequence[str], outcome: int) -> Au
             name = arg.split("=", 1)[0]
             if name not in words:
                 words.append(name)
-        elif not any(w.startswith("-") for w in words) and re.match(r"^[a-z][a-z-]*$", arg):
-            words.append(arg)  # command and sub-command, before any option
+        elif (
+            len(words) < 2  # command and sub-command (a later word is a value)
+            and not any(w.startswith("-") for w in words)
+            and re.match(r"^[a-z][a-z-]*$", arg)
+        ):
+            words.append(arg)  # before any option
     study = getattr(args, "study", None)
     studies = study if isinstance(study, list) else [study]
     user = cli_user()

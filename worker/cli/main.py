@@ -127,11 +127,11 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _listener_config(settings: Settings, processes: int) -> Any:
+def _listener_config(settings: Settings, processes: int, fds: dict[str, int] | None = None) -> Any:
     from dicomnode.scp import ListenerConfig
 
-    # Limits are per process: the kernel spreads connections over the processes
-    # that share the port, so each one takes its share of the association slots.
+    # Limits are per process: connections are spread over the processes that
+    # share the port, so each one takes its share of the association slots.
     per_process = max(1, -(-settings.max_associations // processes))
     return ListenerConfig(
         ae_title=settings.ae_title,
@@ -152,7 +152,9 @@ def _listener_config(settings: Settings, processes: int) -> Any:
         tls_cert=settings.listener_tls_cert,
         tls_key=settings.listener_tls_key,
         tls_ca=settings.listener_tls_ca,
-        reuse_port=processes > 1,
+        shared_accept=processes > 1,
+        plain_fd=(fds or {}).get("plain"),
+        tls_fd=(fds or {}).get("tls"),
         identity_keys=_identity_keys(settings),
     )
 
@@ -169,9 +171,10 @@ def _identity_keys(settings: Settings) -> Any:
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
-    """The DICOM listener: PACS_AI_LISTENER_PROCESSES processes share the port
-    (SO_REUSEPORT); the first one also runs the scheduler (assembler,
-    reconciler, retention) and supervises the others."""
+    """The DICOM listener: PACS_AI_LISTENER_PROCESSES processes accept on the
+    same listening sockets (made by the first, inherited by the others, the
+    least busy one taking each new connection); the first one also runs the
+    scheduler (assembler, reconciler, retention) and supervises the others."""
     from dicomnode.scp import StorageSCP
     from worker import metrics
     from worker.scheduling.celery_app import create_app
@@ -187,7 +190,8 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     _setup_metrics(settings, serve=not helper)
     # every stored instance rings the scheduler (in the first listener process)
     observer = RingingObserver(metrics, Bell(bell_address(settings.data_path)))
-    scp = StorageSCP(_listener_config(settings, processes), observer=observer)
+    fds = _parse_fds(args.listen_fds) if helper else None
+    scp = StorageSCP(_listener_config(settings, processes, fds), observer=observer)
     try:
         scp.start()
     except ssl.SSLError as exc:
@@ -205,7 +209,7 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     if scheduler is not None:
         scheduler.start()
     stop = threading.Event()
-    others = _ListenerProcesses(processes - 1 if not helper else 0, stop)
+    others = _ListenerProcesses(processes - 1 if not helper else 0, stop, scp.listening_fds())
     others.start()
     try:
         _wait_for_signal(stop)
@@ -216,6 +220,16 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
             scheduler.stop()
             scheduler.join(timeout=10)
     return 0
+
+
+def _parse_fds(value: str | None) -> dict[str, int]:
+    """``--listen-fds plain=5,tls=6`` (given by the first listener process)."""
+    fds: dict[str, int] = {}
+    for item in (value or "").split(","):
+        name, _, fd = item.partition("=")
+        if name in ("plain", "tls") and fd.isdigit():
+            fds[name] = int(fd)
+    return fds
 
 
 def _parent_death_signal() -> None:
@@ -240,9 +254,11 @@ class _ListenerProcesses(threading.Thread):
     """The extra listener processes of ``pacs-ai listen``: started, restarted
     when one dies (at most once every 5 s each), stopped with the first."""
 
-    def __init__(self, count: int, stop: threading.Event) -> None:
+    def __init__(self, count: int, stop: threading.Event, fds: dict[str, int]) -> None:
         super().__init__(name="pacs-ai-listener-supervisor", daemon=True)
         self.count = count
+        #: the listening sockets the extra processes accept on
+        self.fds = fds
         self._stop_event = stop
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self._spawned_at: list[float] = [0.0] * count
@@ -250,8 +266,10 @@ class _ListenerProcesses(threading.Thread):
         self._closing = False
 
     def _spawn(self, i: int) -> None:
-        argv = [sys.executable, "-m", "worker.cli.main", "listen", "--no-scheduler", "--processes"]
-        proc = subprocess.Popen([*argv, str(self.count + 1)])
+        argv = [sys.executable, "-m", "worker.cli.main", "listen", "--no-scheduler"]
+        argv += ["--processes", str(self.count + 1)]
+        argv += ["--listen-fds", ",".join(f"{k}={v}" for k, v in self.fds.items())]
+        proc = subprocess.Popen(argv, pass_fds=tuple(self.fds.values()))
         self._procs[i] = proc
         self._spawned_at[i] = time.monotonic()
         log.info("started listener process %d of %d (pid %d)", i + 2, self.count + 1, proc.pid)
@@ -467,6 +485,7 @@ def cmd_studies_list(settings: Settings, args: argparse.Namespace) -> int:
         args.json,
         [
             "study_instance_uid",
+            "patient",
             "modalities",
             "num_series",
             "num_instances",
@@ -642,6 +661,42 @@ def cmd_results_list(settings: Settings, args: argparse.Namespace) -> int:
             "probability",
             "present",
             "measurements",
+        ],
+    )
+    return 0
+
+
+def cmd_patients_trend(settings: Settings, args: argparse.Namespace) -> int:
+    """One patient's nodule volumes over time, by the patient handle (a study's
+    ``patient`` field): the same object as ``GET /api/patients/{patient}/trend``."""
+    _check_schema(settings)  # one readable line, not a traceback, on a missing schema
+    from worker.services.patients import patient_trend
+
+    try:
+        trend = patient_trend(settings, args.patient)
+    except (ValueError, LookupError) as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        json.dump(trend, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    rows = [
+        {"study_date": s["study_date"], "study_instance_uid": s["study_instance_uid"], **f}
+        for s in trend["studies"]
+        for f in s["findings"] or [{}]
+    ]
+    print(f"patient {trend['patient']}: {len(trend['studies'])} studies")
+    _print_rows(
+        rows,
+        False,
+        [
+            "study_date",
+            "study_instance_uid",
+            "model",
+            "finding",
+            "volume_ml",
+            "change_percent",
+            "doubling_time_days",
         ],
     )
     return 0
@@ -917,6 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="listener processes sharing the port (PACS_AI_LISTENER_PROCESSES)",
     )
+    li.add_argument("--listen-fds", help=argparse.SUPPRESS)  # from the first listener process
     li.add_argument(
         "--no-scheduler",
         action="store_true",
@@ -992,6 +1048,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", type=_parse_when, help="stored before (YYYY-MM-DD or ISO)")
     r.add_argument("--csv", action="store_true", help="print CSV (one row per result)")
     r.add_argument("--limit", type=int, default=None)
+
+    patients = sub.add_parser(
+        "patients", help="a patient's studies, by its handle (no identifiers)"
+    ).add_subparsers(dest="patients_command", required=True, metavar="COMMAND")
+    pt = add(
+        "trend",
+        cmd_patients_trend,
+        "a patient's nodule volumes, change and doubling time, oldest study first",
+        patients,
+    )
+    pt.add_argument(
+        "patient",
+        metavar="PATIENT",
+        help="the patient handle: a study's `patient` field (studies list --json), "
+        "or at least its first 8 hex digits",
+    )
+    pt.add_argument("--json", action="store_true", help="print a JSON object")
 
     add(
         "api",

@@ -49,7 +49,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from db import queries
 from db.repo import (
@@ -59,8 +59,10 @@ from db.repo import (
     supersede_older_jobs,
 )
 from db.session import session_scope
-from worker.pipeline.kinds.base import ResultRecord
 from worker.settings import Settings
+
+if TYPE_CHECKING:  # the API reads the pure helpers: no pipeline (numpy) in its process
+    from worker.pipeline.kinds.base import ResultRecord
 
 #: runs a study's job (the pipeline's process_study, passed in by its caller)
 Processor = Callable[..., Any]
@@ -93,6 +95,18 @@ def _components(measurements: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def _largest(components: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return max(components, key=lambda c: float(c["volume_ml"]), default=None)
+
+
+def largest_component(measurements: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A nodule result's largest component (the one its prior is compared for)."""
+    return _largest(_components(measurements))
+
+
+def largest_volume_ml(measurements: Mapping[str, Any]) -> float:
+    """The volume (ml) of a nodule result's largest component; 0.0 when it lists
+    none (as :func:`compare` counts it)."""
+    largest = largest_component(measurements)
+    return float(largest["volume_ml"]) if largest is not None else 0.0
 
 
 def _centroid(component: Mapping[str, Any]) -> tuple[float, float, float] | None:
@@ -136,9 +150,9 @@ def compare(
 ) -> dict[str, Any]:
     """``measurements.prior`` of a nodule result (``current``, its measurements)
     against the prior study's result of the same model and finding."""
-    largest = _largest(_components(current))
+    largest = largest_component(current)
     matched, how = match_nodule(largest, _components(prior))
-    volume = float(largest["volume_ml"]) if largest is not None else 0.0
+    volume = largest_volume_ml(current)
     volume0 = float(matched["volume_ml"]) if matched is not None else 0.0
     days = (current_date - prior_date).days
     change = None

@@ -4,6 +4,7 @@
 
 const TOKEN_KEY = "pacs-ai-token";
 let selectedStudy = null;
+let selectedPatient = null;
 
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
 
@@ -207,12 +208,27 @@ function renderFailed(failed, studies) {
   }
 }
 
+function patientCell(study) {
+  // the patient handle: a pseudonym (the keyed patient hash's first digits), never an identifier
+  if (!study.patient) return el("td", { class: "muted" }, "–");
+  const button = el("button", { class: "patient" + (study.patient === selectedPatient ? " selected" : ""),
+    type: "button", title: "this patient's nodule trend", "data-patient": study.patient },
+    study.patient);
+  button.addEventListener("click", (event) => {
+    event.stopPropagation();  // not the row's study detail
+    selectedPatient = selectedPatient === study.patient ? null : study.patient;
+    refresh();
+  });
+  return el("td", {}, button);
+}
+
 function renderStudies(studies) {
-  const body = fill("studies", studies.items, "No study received yet.", 7);
+  const body = fill("studies", studies.items, "No study received yet.", 8);
   for (const s of studies.items) {
     const row = el("tr", { class: "click" + (s.study_instance_uid === selectedStudy ? " selected" : ""),
       "data-study": s.study_instance_uid },
       uidCell(s.study_instance_uid),
+      patientCell(s),
       el("td", {}, (s.modalities || []).join(", ") || "–"),
       el("td", {}, s.num_series + " / " + s.num_instances),
       el("td", {}, pill(s.status),
@@ -320,6 +336,110 @@ async function renderDetail() {
   box.hidden = false;
 }
 
+// -- patient trend ----------------------------------------------------------------
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function number(value, digits, suffix) {
+  if (value === null || value === undefined) return "–";
+  return Number(value).toFixed(digits) + (suffix || "");
+}
+
+function trendChart(studies) {
+  // volume_ml of each model and finding over the study dates: one polyline each
+  const lines = new Map();
+  for (const s of studies) {
+    if (!s.study_date) continue;
+    for (const f of s.findings) {
+      if (f.volume_ml === null || f.volume_ml === undefined) continue;
+      const key = f.model + " · " + f.finding;
+      if (!lines.has(key)) lines.set(key, []);
+      lines.get(key).push({ t: Date.parse(s.study_date), v: Number(f.volume_ml), date: s.study_date });
+    }
+  }
+  const points = [...lines.values()].flat();
+  if (!points.length) return el("p", { class: "muted" }, "No dated nodule volume to draw.");
+  const W = 560, H = 200, L = 56, R = 16, T = 14, B = 34;
+  const t0 = Math.min(...points.map((p) => p.t)), t1 = Math.max(...points.map((p) => p.t));
+  const vMax = Math.max(...points.map((p) => p.v)) || 1;
+  const x = (t) => (t1 === t0 ? L + (W - L - R) / 2 : L + (t - t0) / (t1 - t0) * (W - L - R));
+  const y = (v) => T + (1 - v / vMax) * (H - T - B);
+  const chart = svg("svg", { class: "trend-chart", viewBox: "0 0 " + W + " " + H, width: W,
+    height: H, role: "img", "aria-label": "nodule volume (ml) over time" },
+    svg("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }),
+    svg("line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }),
+    svg("text", { class: "tick", x: L - 6, y: T + 4, "text-anchor": "end" }, number(vMax, 2)),
+    svg("text", { class: "tick", x: L - 6, y: H - B, "text-anchor": "end" }, "0"),
+    svg("text", { class: "tick", x: 4, y: T + (H - T - B) / 2, "text-anchor": "start" }, "ml"));
+  const dates = [...new Set(points.map((p) => p.date))];
+  for (const date of dates) {
+    const at = x(Date.parse(date));  // the first and last labels stay inside the chart
+    const anchor = dates.length < 2 ? "middle" : at <= L ? "start" : at >= W - R ? "end" : "middle";
+    chart.append(svg("text", { class: "tick", x: at, y: H - B + 16, "text-anchor": anchor }, date));
+  }
+  let n = 0;
+  for (const [key, pts] of lines) {
+    pts.sort((a, b) => a.t - b.t);
+    const cls = "series s" + (n++ % 4);
+    chart.append(svg("polyline", { class: cls, fill: "none",
+      points: pts.map((p) => x(p.t).toFixed(1) + "," + y(p.v).toFixed(1)).join(" ") }));
+    for (const p of pts) {
+      chart.append(svg("circle", { class: cls, cx: x(p.t).toFixed(1), cy: y(p.v).toFixed(1), r: 3.5 },
+        svg("title", {}, key + ": " + p.date + ", " + number(p.v, 3, " ml"))));
+    }
+  }
+  return chart;
+}
+
+async function renderTrend() {
+  const box = document.getElementById("trend");
+  if (!selectedPatient) { box.hidden = true; box.replaceChildren(); return; }
+  let trend;
+  try {
+    const answer = await api("/api/patients/" + encodeURIComponent(selectedPatient) + "/trend");
+    if (answer.status !== 200) throw new Error(answer.body.detail || "unavailable");
+    trend = answer.body;
+  } catch (err) {
+    if (err instanceof Unauthorized) throw err;
+    box.replaceChildren(el("h3", {}, "Patient trend"), el("p", { class: "error" }, err.message));
+    box.hidden = false;
+    return;
+  }
+  const rows = [];
+  for (const s of trend.studies) {
+    const findings = s.findings.length ? s.findings : [null];
+    for (const f of findings) {
+      rows.push(el("tr", { "data-study": s.study_instance_uid },
+        el("td", {}, s.study_date || "undated"), uidCell(s.study_instance_uid),
+        el("td", {}, f ? f.model : "–"), el("td", {}, f ? f.finding : "no nodule result"),
+        el("td", {}, f ? number(f.volume_ml, 3) : "–"),
+        el("td", {}, f ? number(f.change_percent, 1, " %") : "–"),
+        el("td", {}, f ? number(f.doubling_time_days, 0) : "–")));
+    }
+  }
+  const close = el("button", { type: "button" }, "Close");
+  close.addEventListener("click", () => { selectedPatient = null; refresh(); });
+  box.replaceChildren(
+    el("h3", {}, "Patient trend ", el("code", {}, trend.patient), " ",
+      el("span", { class: "muted" }, trend.studies.length + " studies, oldest first"), " ", close),
+    trendChart(trend.studies),
+    el("table", {},
+      el("thead", {}, el("tr", {}, ...["Study date", "Study Instance UID", "Model", "Finding",
+        "Volume (ml)", "Change", "VDT (days)"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, ...rows)));
+  box.hidden = false;
+}
+
 async function refresh() {
   try {
     const [ready, summary, studies, failed, jobs, models, deliveries, backlog] =
@@ -345,6 +465,7 @@ async function refresh() {
     renderModels(models.body);
     renderDeliveries(deliveries.body);
     await renderDetail();
+    await renderTrend();
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (err) {
     if (err instanceof Unauthorized) return signIn();
