@@ -786,3 +786,29 @@ def patient_trend_rows(session: Session, patient_prefix: str) -> list[dict[str, 
         }
         for sid, uid, date, key in studies
     ]
+
+
+def export_sources(
+    session: Session, study_uid: str
+) -> tuple[list[tuple[str, bool]], list[tuple[str, str]]] | None:
+    """What ``pacs-ai export`` reads of a study (None: no such study): its
+    instances' ``(rel_path, produced_by_us)`` in arrival order, and the distinct
+    ``(rel_path, kind)`` of its result objects in the outbox."""
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+    if study_id is None:
+        return None
+    instances = session.execute(
+        select(Instance.rel_path, Instance.produced_by_us)
+        .where(Instance.study_id == study_id)
+        .order_by(Instance.id)
+    ).all()
+    objects = session.execute(
+        select(Delivery.rel_path, Delivery.kind)
+        .where(Delivery.study_id == study_id)
+        .distinct()
+        .order_by(Delivery.rel_path)
+    ).all()
+    return (
+        [(str(rel), bool(ours)) for rel, ours in instances],
+        [(str(rel), str(kind)) for rel, kind in objects],
+    )

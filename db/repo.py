@@ -832,6 +832,12 @@ class AuditEntry:
     studies: tuple[str, ...] = ()
 
 
+def prune_audit(session: Session, before: dt.datetime) -> int:
+    """Delete the audit records older than ``before``; how many went."""
+    result = session.execute(delete(AuditRecord).where(AuditRecord.at < before))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def append_audit(session: Session, entry: AuditEntry, at: dt.datetime | None = None) -> None:
     session.add(
         AuditRecord(

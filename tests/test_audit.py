@@ -202,3 +202,34 @@ def test_cli_record_keeps_command_words_not_values(argv: list[str], action: str)
 
     entry = cli_entry(argparse.Namespace(), argv, 0)
     assert entry.action == action
+
+
+def test_audit_records_past_their_retention_are_pruned(tmp_path: Path) -> None:
+    """PACS_AI_AUDIT_RETENTION_DAYS: `pacs-ai prune` deletes older records only;
+    unset, nothing is deleted."""
+    import datetime as dt
+
+    from db.repo import AuditEntry, append_audit
+    from db.session import session_scope
+
+    data = tmp_path / "data"
+    data.mkdir()
+    url = f"sqlite:///{data / 'pacs-ai.sqlite3'}"
+    upgrade(url)
+    now = dt.datetime.now(dt.UTC)
+    with session_scope(url) as session:
+        for days in (400, 40, 5):
+            entry = AuditEntry("api", "read#0", "127.0.0.1", f"GET /api/old-{days}", 200)
+            append_audit(session, entry, at=now - dt.timedelta(days=days))
+    dispose_all()
+    kept = run_cli(cli_env(data_dir=data), "prune", "--json", cwd=data)
+    assert kept.returncode == 0, kept.stderr
+    assert json.loads(kept.stdout)["audit_records_deleted"] == 0
+    pruned = run_cli(cli_env(data_dir=data, audit_retention_days=30), "prune", "--json", cwd=data)
+    assert pruned.returncode == 0, pruned.stderr
+    assert json.loads(pruned.stdout)["audit_records_deleted"] == 2
+    actions = [r["action"] for r in _audit(url)]
+    assert "GET /api/old-5" in actions
+    assert not [a for a in actions if a in ("GET /api/old-40", "GET /api/old-400")]
+    # the prune commands themselves were audited
+    assert actions.count("prune --json") == 2

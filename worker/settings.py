@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     listener_tls_ca: Path | None = None
     min_free_mb: int = Field(default=1024, ge=0)
     retention_hours: float = Field(default=0.0, ge=0)
+    # audit records older than this many days are deleted (0: kept for ever)
+    audit_retention_days: float = Field(default=0.0, ge=0)
     assembler_interval: float = Field(default=1.0, gt=0)
     reconcile_interval: float = Field(default=60.0, gt=0)
     requeue_after_seconds: float = Field(default=600.0, gt=0)

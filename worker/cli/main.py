@@ -889,12 +889,13 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     """Delete the stored files of studies past PACS_AI_RETENTION_HOURS (the
     listener also does it periodically); --dry-run only lists them."""
     _check_schema(settings)
-    from worker.scheduling.retention import prune_once
+    from worker.scheduling.retention import prune_audit_once, prune_once
 
     _setup(settings, "cli")
     if not args.dry_run:
         _setup_metrics(settings)
     pruned = prune_once(settings, dry_run=args.dry_run)
+    audit_removed = 0 if args.dry_run else prune_audit_once(settings)
     files = sum(p.files for p in pruned)
     size = sum(p.bytes for p in pruned)
     if args.json:
@@ -904,10 +905,16 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
             "studies": [p.to_dict() for p in pruned],
             "files": files,
             "bytes": size,
+            "audit_records_deleted": audit_removed,
         }
         json.dump(body, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    if audit_removed:
+        print(
+            f"deleted {audit_removed} audit records older than "
+            f"PACS_AI_AUDIT_RETENTION_DAYS={settings.audit_retention_days:g}"
+        )
     if settings.retention_hours <= 0:
         print("retention is off (PACS_AI_RETENTION_HOURS=0): nothing is pruned")
         return 0

@@ -38,9 +38,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
 
-from db.models import Delivery, Instance, Study
+from db.queries import export_sources
 from db.session import session_scope
 from dicomnode.constants import OWN_MANUFACTURER
 from dicomnode.deid import TABLE_RELEASE, Deidentifier, Options
@@ -125,20 +124,10 @@ def study_sources(settings: Settings, study_uid: str) -> tuple[list[Source], Cou
     """The study's objects to export, and what was left out (by reason)."""
     skipped: Counter[str] = Counter()
     with session_scope(settings.effective_database_url) as session:
-        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
-        if study_id is None:
-            raise ExportError(f"no study {study_uid}")
-        instances = session.execute(
-            select(Instance.rel_path, Instance.produced_by_us)
-            .where(Instance.study_id == study_id)
-            .order_by(Instance.id)
-        ).all()
-        objects = session.execute(
-            select(Delivery.rel_path, Delivery.kind)
-            .where(Delivery.study_id == study_id)
-            .distinct()
-            .order_by(Delivery.rel_path)
-        ).all()
+        found = export_sources(session, study_uid)
+    if found is None:
+        raise ExportError(f"no study {study_uid}")
+    instances, objects = found
     out: list[Source] = []
     for rel, ours in instances:
         path = _inside(settings.storage_path, str(rel))

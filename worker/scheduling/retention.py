@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from db.models import utcnow
 from db.queries import prunable_studies, study_instance_files, study_outbox_files
-from db.repo import mark_pruned
+from db.repo import mark_pruned, prune_audit
 from db.session import session_scope
 from dicomnode.uids import uid_digest
 from worker import metrics
@@ -199,3 +199,24 @@ def prune_once(
         )
         out.append(PrunedStudy(study_uid, removed, freed, errors))
     return out
+
+
+#: seconds between two prunings of the audit log by the scheduler
+AUDIT_PRUNE_EVERY = 3600.0
+
+
+def prune_audit_once(settings: Settings, now: dt.datetime | None = None) -> int:
+    """Delete the audit records older than PACS_AI_AUDIT_RETENTION_DAYS (0: kept
+    for ever, nothing happens); how many went."""
+    if settings.audit_retention_days <= 0:
+        return 0
+    cutoff = (now or utcnow()) - dt.timedelta(days=settings.audit_retention_days)
+    with session_scope(settings.effective_database_url) as session:
+        removed = prune_audit(session, cutoff)
+    if removed:
+        log.info(
+            "audit log: %d records older than %g days deleted",
+            removed,
+            settings.audit_retention_days,
+        )
+    return removed

@@ -40,7 +40,13 @@ from worker.scheduling.completion import (
     send_job,
 )
 from worker.scheduling.doorbell import Doorbell, bell_address
-from worker.scheduling.retention import SCHEDULER_BATCH, prune_interval, prune_once
+from worker.scheduling.retention import (
+    AUDIT_PRUNE_EVERY,
+    SCHEDULER_BATCH,
+    prune_audit_once,
+    prune_interval,
+    prune_once,
+)
 from worker.settings import Settings
 
 __all__ = ["Scheduler", "assemble_once", "reconcile_every", "reconcile_once", "send_job"]
@@ -132,6 +138,7 @@ class Scheduler(threading.Thread):
         self.app = app
         self.prune_every = prune_every if prune_every is not None else prune_interval(settings)
         self._stop_event = threading.Event()
+        self._next_audit_prune = 0.0  # monotonic time of the next audit-log pruning
         self._wake = threading.Event()
         self._flags = threading.Lock()
         self._rung = self._poked = False
@@ -214,6 +221,9 @@ class Scheduler(threading.Thread):
             next_prune = time.monotonic() + self.prune_every
             if len(prune_once(self.settings, limit=SCHEDULER_BATCH)) >= SCHEDULER_BATCH:
                 next_prune = time.monotonic()  # more to do: go on next round
+        if self.settings.audit_retention_days > 0 and time.monotonic() >= self._next_audit_prune:
+            self._next_audit_prune = time.monotonic() + AUDIT_PRUNE_EVERY
+            prune_audit_once(self.settings)
         return next_reconcile, next_prune
 
     def run(self) -> None:
