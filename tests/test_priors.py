@@ -275,6 +275,7 @@ def pacs_node(node_factory: NodeFactory, orthanc_server: Orthanc) -> tuple[Ortha
         ort_threads=2,
         priors="pacs",
         pacs=f"ORTHANC@127.0.0.1:{orthanc_server.dicom_port}",
+        destinations=f"ORTHANC@127.0.0.1:{orthanc_server.dicom_port}#sr",
         prior_wait_seconds=240,
     )
     orthanc_server.start(node.port, Name="pacs-ai-priors")
@@ -310,3 +311,10 @@ def test_prior_fetched_from_the_pacs(pacs_node: tuple[Orthanc, Node]) -> None:
     assert prior["volume_ml"] == pytest.approx(truth["volume_ml"], rel=0.35)
     assert prior["change_percent"] > 100 and prior["doubling_time_days"] is not None
     assert "PACS-PRIOR-7" not in node.logs()
+    # the new study's SR goes back to the PACS; nothing is written into the prior
+    sent = wait_for(
+        lambda: [d for d in node.deliveries() if d["status"] == "sent"], 60, what="the SR sent"
+    )
+    assert {d["study_instance_uid"] for d in node.deliveries()} == {new_uid}
+    assert [d["kind"] for d in sent] == ["sr"]
+    assert "is a prior fetched for" in node.logs()

@@ -215,13 +215,17 @@ def test_hostile_uids_are_refused_and_write_nothing(node_factory: NodeFactory) -
     after = _tree(root, node.log_dir)
     storage_rel = str(node.storage.relative_to(root))
     new = {p for p in after - before if not p.startswith(storage_rel + os.sep)}
-    # the listener's own files: SQLite's WAL, and the Prometheus files of a
-    # listener process that recorded its first metric meanwhile
-    metrics_rel = str((node.storage.parent / "metrics").relative_to(root)) + os.sep
+    # the listener's own files: SQLite's WAL, the Prometheus files of a listener
+    # process that recorded its first metric meanwhile, and the filesystem
+    # broker's folders its scheduler makes on first use
+    own = tuple(
+        str((node.storage.parent / name).relative_to(root)) for name in ("metrics", "broker")
+    )
     assert {
         p
         for p in new
-        if not p.endswith(("sqlite3-wal", "sqlite3-shm")) and not p.startswith(metrics_rel)
+        if not p.endswith(("sqlite3-wal", "sqlite3-shm"))
+        and not any(p == d or p.startswith(d + os.sep) for d in own)
     } == set()
     new_in_storage = {p for p in after - before if p.startswith(storage_rel + os.sep)}
     assert len([p for p in new_in_storage if p.endswith(".dcm")]) == 2

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 
+from db.queries import study_link
 from db.repo import replace_results
 from db.session import session_scope
 from dicomnode import phi
@@ -203,6 +204,7 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
         for outcome in outcomes:
             if outcome.error is None and outcome.skipped is None:
                 replace_results(session, study_id, ctx.job_id, outcome.model, outcome.rows)
+        link = study_link(session, study_id)
     # nodules compared with the patient's prior study (worker/results/priors.py)
     attach_priors(
         settings,
@@ -231,6 +233,18 @@ def process_study(ctx: StudyContext, settings: Settings) -> dict[str, Any]:
     errors = [o.error for o in outcomes if o.error]
     if errors:
         raise JobError("; ".join(errors), summary)
+    prior_of = link["prior_of"] if link is not None else None
+    if prior_of is not None:
+        # fetched from the PACS to compare a newer study with: its results are
+        # kept (and compared), but nothing new is written into an old study
+        log.info(
+            "job %d: study=%s is a prior fetched for study=%s: results kept, none sent",
+            ctx.job_id,
+            ctx.study_instance_uid,
+            prior_of,
+        )
+        summary["result_objects"] = {"objects": [], "deliveries_queued": 0, "prior_of": prior_of}
+        return summary
     summary["result_objects"] = build_result_objects(ctx, reportable, settings, predictors)
     return summary
 
