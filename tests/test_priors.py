@@ -275,7 +275,7 @@ def pacs_node(node_factory: NodeFactory, orthanc_server: Orthanc) -> tuple[Ortha
         ort_threads=2,
         priors="pacs",
         pacs=f"ORTHANC@127.0.0.1:{orthanc_server.dicom_port}",
-        destinations=f"ORTHANC@127.0.0.1:{orthanc_server.dicom_port}#sr",
+        destinations=f"ORTHANC@127.0.0.1:{orthanc_server.dicom_port}/sr",
         prior_wait_seconds=240,
     )
     orthanc_server.start(node.port, Name="pacs-ai-priors")
