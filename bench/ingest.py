@@ -268,7 +268,7 @@ def run_pacs_ai(
             wait_port(port, proc)
             expected = processes or len(os.sched_getaffinity(0))  # the listener's default
             if expected > 1:
-                wait_children(proc.pid, expected - 1)  # their start-up is not ingest
+                wait_listening(proc, log_path, expected)  # their start-up is not ingest
             poller = RssPoller(proc.pid)
             poller.start()
             cpu0 = tree_cpu(poller.proc)
@@ -309,23 +309,23 @@ def concurrently(calls: list[Callable[[], None]]) -> None:
         raise errors[0]
 
 
-def wait_children(pid: int, count: int, timeout: float = 60.0) -> None:
-    """Until the listener's extra processes are up (each has bound the port)."""
+def wait_listening(
+    proc: subprocess.Popen[bytes], log_path: Path, count: int, timeout: float = 60.0
+) -> None:
+    """Until all ``count`` listener processes have logged that they listen.
+
+    The extra processes inherit the listening socket, so it shows in theirs
+    before they have even imported anything; their log line comes once they
+    accept. Their start-up (about a second of CPU each) is not ingest.
+    """
     deadline = time.monotonic() + timeout
-    parent = psutil.Process(pid)
     while time.monotonic() < deadline:
-        children = parent.children()
-        if len(children) >= count and all(_listening(c) for c in children):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the listener exited with status {proc.returncode}")
+        if log_path.read_text(errors="replace").count("dicomnode.scp: listening as") >= count:
             return
-        time.sleep(0.1)
-    raise RuntimeError(f"{count} extra listener processes did not start")
-
-
-def _listening(proc: psutil.Process) -> bool:
-    try:
-        return any(c.status == psutil.CONN_LISTEN for c in proc.net_connections("tcp"))
-    except psutil.Error:
-        return False
+        time.sleep(0.05)
+    raise RuntimeError(f"{count} listener processes did not start within {timeout:.0f} s")
 
 
 def tree_cpu(proc: psutil.Process) -> float:

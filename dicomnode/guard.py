@@ -52,6 +52,8 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from dicomnode.reactor import make_event_driven
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -454,6 +456,7 @@ def _guard_association(assoc: Association, conn: Connection, server: GuardedServ
     # pynetdicom counts every thread, idle TCP connections included; the guard
     # counts established associations instead
     assoc.ae.maximum_associations = 1_000_000
+    close_reactor = make_event_driven(assoc)
     run = assoc.run
 
     def guarded_run() -> None:
@@ -462,6 +465,7 @@ def _guard_association(assoc: Association, conn: Connection, server: GuardedServ
         finally:
             server.guard.release(conn)
             _drop_partial(assoc)
+            close_reactor()
 
     assoc.run = guarded_run  # type: ignore[method-assign]
     return assoc

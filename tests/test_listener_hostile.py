@@ -592,3 +592,46 @@ def test_listener_processes_share_the_port(node_factory: NodeFactory) -> None:
     # stopping the first process stops them all
     node.stop("listen")
     assert not children[0].is_running() or children[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_idle_associations_cost_the_listener_no_polling(node_factory: NodeFactory) -> None:
+    """pynetdicom's reactors poll every millisecond, two threads per association;
+    the listener's wait on their socket and queues instead, so associations
+    that send nothing leave the CPU to the one that does (issue 12)."""
+    import psutil
+
+    node = listener_node(node_factory, listener_processes=1, network_timeout=60)
+    proc = psutil.Process(listener_pid(node))
+
+    def cpu_seconds(during: float) -> float:
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(during)
+        return sum(proc.cpu_times()[:2]) - before
+
+    ordinary_sender_served(node)
+    time.sleep(0.5)
+    baseline = cpu_seconds(3)
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context(CT, ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    assocs = [ae.associate("127.0.0.1", node.port, ae_title="PACSAI") for _ in range(8)]
+    try:
+        assert all(a.is_established for a in assocs)
+        time.sleep(0.5)
+        extra = cpu_seconds(3) - baseline
+        print(f"listener CPU in 3 s: {baseline:.2f} s idle, {extra:+.2f} s with 8 associations")
+        # 16 polling threads took 2.6 s more CPU in 3 s here; waiting ones about 0.1 s
+        assert extra < 0.5, f"8 idle associations took {extra:.2f} s more CPU in 3 s"
+        # still served at once, and each release is answered at once
+        status = assocs[0].send_c_echo()
+        assert status.Status == 0x0000
+        start = time.monotonic()
+        for a in assocs:
+            a.release()
+        assert time.monotonic() - start < 2
+        assert not any(a.is_established for a in assocs)
+    finally:
+        for a in assocs:
+            if a.is_established:
+                a.abort()
+    ordinary_sender_served(node)
