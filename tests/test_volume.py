@@ -821,3 +821,31 @@ def test_every_pydicom_test_file_loads_or_is_refused_readably() -> None:
     if EXT_FILES is not None:
         assert "pydicom-data/JPEG-LL.dcm" in ok  # JPEG lossless process 14
         assert "pydicom-data/JPGLosslessP14SV1_1s_1f_8b.dcm" in ok  # SV1
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, "False"), ("1", "True")])
+def test_pipeline_processes_do_not_ask_for_huge_pages(env: str | None, expected: str) -> None:
+    """numpy's huge-page requests stalled every big array of a job on a kernel
+    that defragments for them (decode and postprocessing took twice as long);
+    the pipeline turns them off unless NUMPY_MADVISE_HUGEPAGE says otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if env is not None:
+        environ["NUMPY_MADVISE_HUGEPAGE"] = env
+    code = (
+        "import worker.pipeline.volume\n"
+        "from numpy._core import multiarray\n"
+        "print(multiarray._get_madvise_hugepage())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=environ,
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == expected
