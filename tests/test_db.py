@@ -248,3 +248,30 @@ def test_requeued_job_can_be_claimed(db: str) -> None:
 def test_claim_unknown_job(db: str) -> None:
     with session_scope(db) as session:
         assert claim_job(session, 999, lease_seconds=60, max_attempts=3) is None
+
+
+def test_pooled_connection_cut_while_idle_is_replaced(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection the server dropped while it sat in the pool (a restart, a
+    blip) is pinged and replaced at its next use: the caller never sees it."""
+    import time
+
+    from sqlalchemy import text
+
+    from db import session as db_session
+    from tests.conftest import pg_block
+
+    monkeypatch.setattr(db_session, "PING_AFTER_IDLE_SECONDS", 0.2)
+    engine = db_session.create_db_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        pg_block(pg_url, True)  # cuts every session of the database
+        pg_block(pg_url, False)
+        time.sleep(0.3)
+        with engine.connect() as conn:
+            second = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        assert second != first
+    finally:
+        engine.dispose()
