@@ -18,7 +18,6 @@ imported by the listener (highdicom).
 from __future__ import annotations
 
 import copy
-import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +27,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DA, TM
 
 from dicomnode import headers, phi
-from dicomnode.constants import OWN_MANUFACTURER, SOFTWARE_VERSION
-from dicomnode.results import ModelSpec, ResultBuildError
+from dicomnode.results import ModelSpec, ResultBuildError, secondary_capture
 from dicomnode.uids import derived_uid
 
 #: Series number of the saliency maps (fixed, never random; + the model's index)
@@ -207,12 +204,6 @@ def render_saliency(
 # -- the object ----------------------------------------------------------------------------
 
 
-def _orientation_letter(vector: np.ndarray) -> str:
-    axis = int(np.argmax(np.abs(vector)))
-    positive = vector[axis] >= 0
-    return [("L", "R"), ("P", "A"), ("H", "F")][axis][0 if positive else 1]
-
-
 def build_saliency_sc(
     source: Dataset,
     pixels: np.ndarray,
@@ -240,63 +231,24 @@ def build_saliency_sc(
         caption.model,
         finding_key,
     )
-    orientation = ("L", "P")
-    if row_dir is not None and col_dir is not None:
-        orientation = (_orientation_letter(row_dir), _orientation_letter(col_dir))
-    spacing = source.get("PixelSpacing")
-    pixel_spacing = None
-    if spacing is not None and len(spacing) == 2:
-        pixel_spacing = (float(spacing[0]) / zoom, float(spacing[1]) / zoom)
-    description = f"AI saliency map ({caption.model.name})"
-    kwargs: dict[str, Any] = {"series_description": description[:64]}
-    for keyword, name in (
-        ("InstitutionName", "institution_name"),
-        ("InstitutionalDepartmentName", "institutional_department_name"),
-    ):
-        value = source.get(keyword)
-        if value:
-            kwargs[name] = str(value)
-    try:
-        ds = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
-            pixel_array=rgb,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_uid,
-            instance_number=instance_number,
-            manufacturer=OWN_MANUFACTURER,
-            patient_orientation=orientation,
-            pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # floats are valid DS
-            contributing_equipment=[caption.model.contributing_equipment()],
-            specific_character_set=None,
-            **kwargs,
-        )
-    except (ValueError, TypeError) as exc:
-        raise ResultBuildError(f"saliency map: {phi.describe(exc)}") from None
-    ds.copy_patient_and_study_information(source)
-    ds.BurnedInAnnotation = "YES"  # our text only: no patient data is drawn
-    ds.Modality = str(source.get("Modality") or "OT")  # one frame of the source series
-    for keyword in ("BodyPartExamined", "Laterality"):
-        if source.get(keyword):
-            setattr(ds, keyword, source.get(keyword))
-    ds.ImageComments = " / ".join(line.replace(_DASH, "-") for line in lines)[:10240]
+    ds = secondary_capture(
+        source,
+        rgb,
+        zoom,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        models=[caption.model],
+        description=f"AI saliency map ({caption.model.name})",
+        comments=[line.replace(_DASH, "-") for line in lines],
+        what="saliency map",
+        row_dir=row_dir,
+        col_dir=col_dir,
+    )
     ds.DerivationDescription = (
         f"Occlusion sensitivity of {caption.model.name} {caption.model.version} ({caption.method})"
     )[:1024]
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = source.SOPClassUID
-    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    ds.SourceImageSequence = [ref]
-    now = dt.datetime.now()
-    ds.ContentDate = DA(now.date())
-    ds.ContentTime = TM(now.time().replace(microsecond=0))
-    ds.Manufacturer = OWN_MANUFACTURER  # loop protection: never an input again
-    ds.ManufacturerModelName = caption.model.name[:64]
-    versions = [f"pacs-ai {SOFTWARE_VERSION}", f"{caption.model.name} {caption.model.version}"[:64]]
-    ds.add_new("SoftwareVersions", "LO", versions)
     header.apply_character_set(ds)
     return ds
 

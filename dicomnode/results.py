@@ -1105,7 +1105,49 @@ def build_key_image(
     lines = [*banner, f"AI result - {NOT_FOR_DIAGNOSIS.upper()}"]
     rgb, zoom = render_key_image(pixels, mask, lines, str(source.get("Modality", "")))
     series_uid, sop_uid = ki_uids(uid_root, str(source.SOPInstanceUID), models)
-    orientation = None
+    ds = secondary_capture(
+        source,
+        rgb,
+        zoom,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        series_number=series_number,
+        instance_number=1,
+        models=models,
+        description=f"AI key image ({NOT_FOR_DIAGNOSIS})",
+        comments=lines,
+        what="key image",
+        row_dir=row_dir,
+        col_dir=col_dir,
+    )
+    header.apply_character_set(ds)
+    return ds
+
+
+def secondary_capture(
+    source: Dataset,
+    rgb: np.ndarray,
+    zoom: float,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    instance_number: int,
+    models: Sequence[ModelSpec],
+    description: str,
+    comments: Sequence[str],
+    what: str,
+    row_dir: np.ndarray | None = None,
+    col_dir: np.ndarray | None = None,
+) -> Dataset:
+    """An RGB Secondary Capture of one slice of ``source`` (a prepared header's
+    dataset) with our drawing burned in (``rgb``, ``zoom`` times the source's
+    size): in the source's study, one frame of its series (its modality, body
+    part and laterality), referencing it, stamped as ours. ``what`` names the
+    object in a :class:`ResultBuildError`. The caller declares the character set
+    (:meth:`headers.PreparedHeader.apply_character_set`) once it has added its
+    own attributes. Key images and saliency maps are built with it."""
+    orientation = ("L", "P")
     if row_dir is not None and col_dir is not None:
         orientation = (_orientation_letter(row_dir), _orientation_letter(col_dir))
     spacing = source.get("PixelSpacing")
@@ -1122,25 +1164,24 @@ def build_key_image(
             series_instance_uid=series_uid,
             series_number=series_number,
             sop_instance_uid=sop_uid,
-            instance_number=1,
+            instance_number=instance_number,
             manufacturer=OWN_MANUFACTURER,
-            patient_orientation=orientation or ("L", "P"),
+            patient_orientation=orientation,
             pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # floats are valid DS
             contributing_equipment=[m.contributing_equipment() for m in models],
-            **_common_kwargs(source, f"AI key image ({NOT_FOR_DIAGNOSIS})"),
+            **_common_kwargs(source, description),
         )
     except (ValueError, TypeError) as exc:
-        raise ResultBuildError(f"key image: {phi.describe(exc)}") from None
+        raise ResultBuildError(f"{what}: {phi.describe(exc)}") from None
     ds.copy_patient_and_study_information(source)  # as SR and SEG: the checked attributes
-    ds.BurnedInAnnotation = "YES"
+    ds.BurnedInAnnotation = "YES"  # our text only: no patient data is drawn
     # the source's modality, not OT: viewers open a cine player over OT and US
     # images (OHIF), and this is one frame of the source series
     ds.Modality = str(source.get("Modality") or "OT")
-    if source.get("BodyPartExamined"):
-        ds.BodyPartExamined = source.BodyPartExamined
-    if source.get("Laterality"):
-        ds.Laterality = source.Laterality
-    ds.ImageComments = " / ".join(lines)[:10240]
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if source.get(keyword):
+            setattr(ds, keyword, source.get(keyword))
+    ds.ImageComments = " / ".join(comments)[:10240]
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -1149,7 +1190,6 @@ def build_key_image(
     ds.ContentDate = DA(now.date())
     ds.ContentTime = TM(now.time().replace(microsecond=0))
     _stamp(ds, models)
-    header.apply_character_set(ds)
     return ds
 
 
