@@ -134,7 +134,9 @@ def make_event_driven(assoc: Association) -> Callable[[], None]:
 
     def stop_and_wake() -> bool:
         if dul.state_machine.current_state == "Sta1":
-            wake.ring()  # stop_dul sets the kill flag itself, then waits
+            # what stop_dul does first, so that the thread it wakes sees the flag
+            dul._kill_thread = True
+            wake.ring()
         return bool(stop_dul())
 
     dul.stop_dul = stop_and_wake  # type: ignore[method-assign]
